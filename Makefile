@@ -1,0 +1,32 @@
+# The README's two set-up commands: `make run` (train the default model) and `make test`.
+# Both create a virtual environment in .venv and install what they need (torch pinned to a CPU-sized
+# build so a CPU machine does not pull a multi-GB CUDA wheel).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+OUT ?= runs/default
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Train the default EvoMoE GPT on the built-in corpus; a rerun resumes or reprints the finished run.
+run: $(STAMP)
+	$(BIN)/evomoe train default --out $(OUT) --resume
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,211 @@
+"""Command line: ``evomoe train | eval | compare``. The only module that reads argv and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_dict, to_toml
+
+# fields that may change when a run is resumed; everything else must match the saved config
+RESUME_MUTABLE = {
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.device",
+    "train.threads",
+    "train.max_skipped_steps",
+}
+EVAL_MUTABLE = {"train.eval_batches", "train.device", "train.threads", "train.batch_size"}
+RUN_FILES = ("config.toml", "metrics.jsonl", "eval.jsonl", "checkpoints", "report.md", "results.json")
+
+
+class CLIError(RuntimeError):
+    pass
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_compatible(saved: Config, new: Config) -> None:
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    for key in a:
+        if key == "model.vocab_size" and b[key] == 0:
+            continue
+        if a[key] != b[key] and key not in RESUME_MUTABLE:
+            raise ConfigError(
+                f"{key} = {b[key]!r} differs from the run being resumed ({a[key]!r}); only "
+                f"{', '.join(sorted(RESUME_MUTABLE))} may change on --resume (or start a new --out)"
+            )
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory; make sure it is writable before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out '{out}' exists and is not a directory")
+    existing = [n for n in RUN_FILES if (out / n).exists()]
+    if existing and not resume and not overwrite:
+        raise CLIError(
+            f"--out '{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"--out '{out}' is not writable: {e.strerror or e}") from None
+    if overwrite and not resume:
+        for n in existing:
+            p = out / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def split_overrides(extra: list[str]) -> list[str]:
+    """Accept ``--a.b=v`` and ``--a.b v``."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}' (overrides look like --section.field=value)")
+        if "=" in arg:
+            out.append(arg)
+            i += 1
+        elif i + 1 < len(extra):
+            out.append(f"{arg}={extra[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"override '{arg}' has no value")
+    return out
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    from .train.report import write_report  # noqa: PLC0415
+    from .train.trainer import Trainer, resumable_checkpoint  # noqa: PLC0415
+
+    out = Path(args.out)
+    overrides = split_overrides(extra)
+    saved_cfg_path = out / "config.toml"
+    if args.resume and saved_cfg_path.is_file():
+        saved = load_config(str(saved_cfg_path))
+        cfg = load_config(args.config or str(saved_cfg_path), overrides) if (args.config or overrides) else saved
+        check_resume_compatible(saved, cfg)
+    else:
+        cfg = load_config(args.config or "default", overrides)
+    prepare_out_dir(out, args.resume, args.overwrite)
+    trainer = Trainer(cfg, out, env=os.environ, log=lambda s: print(s, file=sys.stderr), progress=not args.no_progress)
+    path = resumable_checkpoint(out, log=lambda s: print(s, file=sys.stderr)) if args.resume else None
+    if path is not None:
+        trainer.restore(path)
+        print(f"resuming from {path} (step {trainer.state.step})", file=sys.stderr)
+    elif args.resume:
+        print(f"no checkpoint in '{out}/checkpoints': starting a new run", file=sys.stderr)
+    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    result = trainer.run()
+    if result["stopped"]:
+        return 130 if result["stopped"] == "SIGINT" else 143
+    final = result["eval"] or trainer.evaluate()
+    summary = {
+        "router": cfg.router.name if cfg.moe.enabled else "dense",
+        "steps": trainer.state.step,
+        "val_loss": final["val_loss"],
+        "val_ppl": final["val_ppl"],
+        "val_bpb": final["val_bpb"],
+        "train_flops": trainer.state.flops,
+        "tokens": trainer.state.tokens,
+        "train_seconds": trainer.state.train_seconds,
+        "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
+        "skipped_steps": trainer.state.skipped_total,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    report = write_report(out, summary)
+    print(
+        f"done: {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
+        f"perplexity {summary['val_ppl']:.2f}, bits/byte {summary['val_bpb']:.4f}, "
+        f"{summary['train_seconds']:.0f} s training\nreport: {report}"
+    )
+    return 0
+
+
+def cmd_eval(args, extra: list[str]) -> int:
+    from .train import checkpoint as ckpt  # noqa: PLC0415
+    from .train.trainer import Trainer  # noqa: PLC0415
+
+    path = Path(args.checkpoint)
+    if (path / "checkpoints").is_dir():
+        found = ckpt.find_good_checkpoint(path / "checkpoints", log=lambda s: print(s, file=sys.stderr))
+        if found is None:
+            raise CLIError(f"no complete checkpoint under '{path}/checkpoints'")
+        path = found
+    ckpt.verify_checkpoint(path)
+    state = ckpt.load_trainer_state(path)
+    overrides = split_overrides(extra)
+    for o in overrides:
+        if o.lstrip("-").split("=")[0] not in EVAL_MUTABLE:
+            raise ConfigError(f"'{o}': eval accepts only {', '.join(sorted(EVAL_MUTABLE))}")
+    cfg = apply_overrides(config_from_dict(state["config"]), overrides)
+    trainer = Trainer(cfg, path.parent.parent, env=os.environ, log=lambda s: print(s, file=sys.stderr), progress=False)
+    trainer.restore(path, truncate_logs=False)
+    result = trainer.evaluate()
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evomoe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model; extra --section.field=value flags override the config")
+    t.add_argument("config", nargs="?", help="a TOML file or a preset name (tiny, default, small)")
+    t.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, report)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's latest) on the validation split")
+    e.add_argument("checkpoint")
+    try:
+        from .compare import add_compare_parser  # noqa: PLC0415
+
+        add_compare_parser(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval}
+    if args.command == "compare":
+        from .compare import cmd_compare  # noqa: PLC0415
+
+        handlers["compare"] = cmd_compare
+    from .train.checkpoint import CheckpointError  # noqa: PLC0415
+    from .train.trainer import TrainingError  # noqa: PLC0415
+
+    try:
+        return handlers[args.command](args, extra)
+    except (ConfigError, CLIError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}; files already written are kept", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

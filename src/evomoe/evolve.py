@@ -1,0 +1,103 @@
+"""Expert-diversify: spawn E experts from a trained dense FFN, and give each MoE layer its gate.
+
+Legend: E experts, D width, F hidden width, H = F (2F for swiglu: gate and up halves).
+Spawn modes (spec section 2): ``copy`` (+ relative Gaussian noise), ``mask`` (a fresh random fraction of
+hidden neurons zeroed per expert), ``reinit`` (those neurons re-drawn from the init distribution).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config
+from .moe.experts import Experts, init_std
+from .moe.layer import MoELayer
+from .registry import ROUTERS
+
+
+def _neuron_columns(idx_N: torch.Tensor, d_ff: int, swiglu: bool) -> torch.Tensor:
+    """Columns of W1 that feed hidden neurons ``idx_N`` (both halves for swiglu)."""
+    return torch.cat([idx_N, idx_N + d_ff]) if swiglu else idx_N
+
+
+def spawn_weights(
+    w1_DH: torch.Tensor,
+    w2_FD: torch.Tensor,
+    num_experts: int,
+    cfg: Config,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E experts' weights from one expert's (pure function of the inputs and the generator)."""
+    e = cfg.evolve
+    d_ff = w2_FD.shape[0]
+    swiglu = w1_DH.shape[1] == 2 * d_ff
+    w1_EDH = w1_DH.unsqueeze(0).repeat(num_experts, 1, 1)
+    w2_EFD = w2_FD.unsqueeze(0).repeat(num_experts, 1, 1)
+    if e.spawn == "copy":
+        if e.noise > 0:
+            for w, base in ((w1_EDH, w1_DH), (w2_EFD, w2_FD)):
+                noise = torch.randn(w.shape, generator=generator, dtype=w.dtype, device="cpu").to(w.device)
+                w.add_(noise * (e.noise * base.std()))
+        return w1_EDH, w2_EFD
+    n_changed = int(round(e.ratio * d_ff))
+    std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
+    first = 1 if e.keep_one else 0
+    for i in range(first, num_experts):
+        idx_N = torch.randperm(d_ff, generator=generator)[:n_changed].to(w1_DH.device)
+        cols = _neuron_columns(idx_N, d_ff, swiglu)
+        if e.spawn == "mask":
+            w1_EDH[i][:, cols] = 0.0
+            w2_EFD[i][idx_N, :] = 0.0
+        else:  # reinit
+            fresh1 = torch.randn(w1_DH.shape[0], cols.numel(), generator=generator) * std_in
+            fresh2 = torch.randn(n_changed, w2_FD.shape[1], generator=generator) * std_out
+            w1_EDH[i][:, cols] = fresh1.to(w1_DH)
+            w2_EFD[i][idx_N, :] = fresh2.to(w2_FD)
+    return w1_EDH, w2_EFD
+
+
+def build_router(cfg: Config, **info) -> nn.Module:
+    """The configured router for one MoE layer. ``info``: vocab_size, token_counts, layer_idx, ..."""
+    cls = ROUTERS.get(cfg.router.name)
+    return cls(cfg.model.d_model, cfg.moe.num_experts, cfg.router, model_cfg=cfg.model, **info)
+
+
+def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **router_info) -> dict:
+    """Replace the layer's single expert by E spawned experts and add a gate. Returns old -> new params."""
+    if layer.spawned:
+        raise RuntimeError("this MoE layer has already spawned its experts")
+    old = layer.experts
+    E = cfg.moe.num_experts
+    new = Experts(E, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers).to(old.w1_EDH.device)
+    with torch.no_grad():
+        w1, w2 = spawn_weights(old.w1_EDH.data[0], old.w2_EFD.data[0], E, cfg, generator)
+        new.w1_EDH.copy_(w1)
+        new.w2_EFD.copy_(w2)
+    layer.experts = new
+    layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
+    return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+
+
+def spawn_model(model: nn.Module, cfg: Config, generator: torch.Generator, **router_info) -> dict:
+    """Spawn experts in every MoE layer of a model (``model.moe_layers()``). Returns old -> new params."""
+    mapping: dict = {}
+    for layer_idx, layer in enumerate(model.moe_layers()):
+        mapping.update(spawn_layer(layer, cfg, generator, layer_idx=layer_idx, **router_info))
+    return mapping
+
+
+def fresh_experts(model: nn.Module, cfg: Config, generator: torch.Generator, **router_info) -> dict:
+    """Start directly sparse (diversify_steps = 0): E independently initialised experts per layer."""
+    mapping: dict = {}
+    for layer_idx, layer in enumerate(model.moe_layers()):
+        old = layer.experts
+        new = Experts(cfg.moe.num_experts, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers)
+        std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
+        with torch.no_grad():
+            new.w1_EDH.copy_(torch.randn(new.w1_EDH.shape, generator=generator) * std_in)
+            new.w2_EFD.copy_(torch.randn(new.w2_EFD.shape, generator=generator) * std_out)
+        layer.experts = new.to(old.w1_EDH.device)
+        layer.router = build_router(cfg, layer_idx=layer_idx, **router_info).to(old.w1_EDH.device)
+        mapping.update({old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD})
+    return mapping

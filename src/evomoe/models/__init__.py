@@ -1,0 +1,3 @@
+from .gpt import GPT, GPTOutput
+
+__all__ = ["GPT", "GPTOutput"]

@@ -1,0 +1,80 @@
+"""The MoE feed-forward layer: route, dispatch, compute, combine.
+
+Legend: B batch, S sequence, T = B*S tokens, D width, E experts, P routed (token, expert) pairs.
+Before the EvoMoE spawn the layer holds one expert and no router: a plain dense FFN (phase 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dispatcher import LocalDispatcher
+from .experts import Experts, activate
+from .losses import entropy_T
+from .routing import Router, RouterContext, Routing
+
+@dataclass
+class LayerStats:
+    """Detached per-step routing statistics of one MoE layer (tensors: no host sync until logged)."""
+
+    tokens: torch.Tensor  # valid tokens
+    pairs: torch.Tensor  # (token, expert) pairs computed
+    dropped: torch.Tensor  # pairs wanted but dropped (capacity)
+    max_experts_per_token: torch.Tensor
+    counts_E: torch.Tensor  # pairs per expert
+    entropy: torch.Tensor  # mean routing entropy (nats); 0 for the dense phase
+
+def routing_stats(routing: Routing, counts_E: torch.Tensor, num_tokens: int, valid_T=None) -> LayerStats:
+    tokens = torch.tensor(num_tokens) if valid_T is None else valid_T.sum()
+    pairs = counts_E.sum()
+    per_token = torch.bincount(routing.token_idx_P, minlength=num_tokens)
+    if routing.probs_TE is not None:
+        ent_T = entropy_T(routing.probs_TE)
+        entropy = ent_T.mean() if valid_T is None else (ent_T * valid_T).sum() / tokens.clamp_min(1)
+    else:
+        entropy = torch.zeros(())
+    dropped = routing.dropped if routing.dropped is not None else torch.zeros((), dtype=torch.long)
+    return LayerStats(tokens, pairs, dropped, per_token.max(), counts_E.detach(), entropy.detach())
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, activation: str, impl: str = "auto", n_layers: int = 1) -> None:
+        super().__init__()
+        self.d_model, self.d_ff, self.activation, self.impl, self.n_layers = d_model, d_ff, activation, impl, n_layers
+        self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers)
+        self.router: Router | None = None
+        self.dispatcher = LocalDispatcher()
+
+    @property
+    def num_experts(self) -> int:
+        """Global expert count (the dispatcher may hold only a shard of them locally)."""
+        return getattr(self.dispatcher, "num_global_experts", None) or self.experts.num_experts
+
+    @property
+    def spawned(self) -> bool:
+        return self.router is not None
+
+    def forward(self, x_BSD: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, Routing | None, LayerStats]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        if self.router is None:
+            return self.forward_dense(x_TD).view(B, S, D), None, self.dense_stats(x_TD, ctx)
+        routing = self.router(x_TD, ctx)
+        x_PD, counts_E, state = self.dispatcher.dispatch(x_TD, routing, self.num_experts)
+        y_PD = self.experts(x_PD, counts_E)
+        out_TD = self.dispatcher.combine(y_PD, state)
+        stats = routing_stats(routing, counts_E, B * S, ctx.valid_T)
+        return out_TD.view(B, S, D), routing, stats
+
+    def forward_dense(self, x_TD: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.experts.w1_EDH[0], self.experts.w2_EFD[0]
+
+        return activate(x_TD @ w1.to(x_TD.dtype), self.activation) @ w2.to(x_TD.dtype)
+
+    def dense_stats(self, x_TD: torch.Tensor, ctx: RouterContext) -> LayerStats:
+        T = x_TD.shape[0]
+        tokens = torch.tensor(T) if ctx.valid_T is None else ctx.valid_T.sum()
+        one = torch.ones((), dtype=torch.long)
+        return LayerStats(tokens, tokens.clone(), torch.zeros((), dtype=torch.long), one, tokens.view(1), torch.zeros(()))

@@ -1,0 +1,53 @@
+"""EvoMoE's Dense-To-Sparse gate (spec section 3).
+
+Training: y = softmax((z + Gumbel) / tau); soft phase selects every expert with y > threshold (a variable
+number per token), hard phase a sampled top-1 (argmax y). Combine weights are the clean softmax(z)
+masked by the selection and not renormalised (option: the noisy tempered y). Evaluation: deterministic
+top-1 of softmax(z), no noise, no dropping. Legend: T tokens, D width, E experts, P pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...config import RouterConfig
+from ...registry import ROUTERS
+from ..losses import load_balance_loss
+from ..routing import Router, RouterContext, Routing, pairs_from_mask
+from .gate import LinearGate, gumbel_like
+
+
+@ROUTERS.register("dts")
+class DTSRouter(Router):
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
+        super().__init__(d_model, num_experts)
+        self.cfg = cfg.dts
+        self.gate = LinearGate(d_model, num_experts, cfg.gate_init)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"balance": self.cfg.balance_weight}
+
+    def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection mask (no gradient) and the tempered weights y."""
+        if not self.training:
+            return F.one_hot(z_TE.argmax(-1), self.num_experts).bool(), torch.softmax(z_TE, -1)
+        noisy = z_TE + gumbel_like(z_TE) if self.cfg.gumbel else z_TE
+        y_TE = torch.softmax(noisy / ctx.gate.tau, dim=-1)
+        if ctx.gate.hard:
+            sel_TE = F.one_hot(y_TE.argmax(-1), self.num_experts).bool()
+        else:
+            sel_TE = y_TE.detach() > self.cfg.threshold
+        return sel_TE, y_TE
+
+    def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
+        z_TE = self.gate(x_TD)
+        p_TE = torch.softmax(z_TE, dim=-1)
+        sel_TE, y_TE = self.select(z_TE, ctx)
+        if ctx.valid_T is not None:
+            sel_TE = sel_TE & ctx.valid_T.unsqueeze(1)
+        combine_TE = y_TE if (self.training and self.cfg.combine == "noisy") else p_TE
+        w_TE = combine_TE * sel_TE
+        token_P, expert_P, weight_P = pairs_from_mask(sel_TE, w_TE)
+        aux = {"balance": load_balance_loss(w_TE, sel_TE, ctx.valid_T)}
+        return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach())

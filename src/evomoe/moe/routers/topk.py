@@ -1,0 +1,86 @@
+"""Top-k routers: Switch (k=1) and GShard (k=2), with optional capacity and token dropping.
+
+Capacity C = ceil(k * capacity_factor * T / E) pairs per expert (capacity_factor 0: dropless). Pairs past
+capacity are dropped in priority order: all first choices (in token order) before any second choice.
+A dropped pair contributes nothing; the block's residual carries the token. Legend: T, E, K = k, P pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...config import RouterConfig
+from ...registry import ROUTERS
+from ..losses import load_balance_loss, router_z_loss
+from ..routing import Router, RouterContext, Routing, pairs_from_topk
+from .gate import LinearGate, gumbel_like
+
+
+def capacity_keep(expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which pairs fit: position of each pair in its expert's queue, choice-rank major, token order minor."""
+    T, K = expert_TK.shape
+    onehot_KTE = F.one_hot(expert_TK.t(), num_experts) * keep_TK.t().unsqueeze(-1)
+    pos_KTE = torch.cumsum(onehot_KTE.reshape(K * T, num_experts), 0).reshape(K, T, num_experts) - 1
+    pos_TK = (pos_KTE * onehot_KTE).sum(-1).t()
+    return keep_TK & (pos_TK < capacity)
+
+
+def second_choice(z_TE: torch.Tensor, p_TE: torch.Tensor, first_T: torch.Tensor, policy: str, training: bool):
+    """GShard's second expert and whether to keep it."""
+    first_mask = F.one_hot(first_T, z_TE.shape[1]).bool()
+    keep_T = torch.ones_like(first_T, dtype=torch.bool)
+    if policy == "sampling" and training:
+        second_T = (z_TE + gumbel_like(z_TE)).masked_fill(first_mask, float("-inf")).argmax(-1)
+    else:
+        second_T = p_TE.masked_fill(first_mask, float("-inf")).argmax(-1)
+        if policy == "random" and training:
+            p2_T = p_TE.gather(1, second_T.unsqueeze(1)).squeeze(1)
+            keep_T = 2 * p2_T.detach() > torch.rand_like(p2_T)
+    return second_T, keep_T
+
+
+@ROUTERS.register("topk")
+class TopKRouter(Router):
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
+        super().__init__(d_model, num_experts)
+        self.cfg = cfg.topk
+        self.gate = LinearGate(d_model, num_experts, cfg.gate_init)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}
+
+    def choose(self, z_TE: torch.Tensor, p_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, K] experts and which of them are kept before capacity."""
+        k = self.cfg.k
+        if k == 2:
+            first_T = p_TE.argmax(-1)
+            second_T, keep2_T = second_choice(z_TE, p_TE, first_T, self.cfg.second_policy, self.training)
+            expert_TK = torch.stack([first_T, second_T], 1)
+            keep_TK = torch.stack([torch.ones_like(keep2_T), keep2_T], 1)
+            return expert_TK, keep_TK
+        expert_TK = p_TE.topk(k, dim=-1).indices
+        return expert_TK, torch.ones_like(expert_TK, dtype=torch.bool)
+
+    def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
+        z_TE = self.gate(x_TD)
+        p_TE = torch.softmax(z_TE, dim=-1)
+        T, E = p_TE.shape
+        expert_TK, keep_TK = self.choose(z_TE, p_TE)
+        weight_TK = p_TE.gather(1, expert_TK)
+        if self.cfg.k > 1 and self.cfg.renormalize:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-9)
+        if ctx.valid_T is not None:
+            keep_TK = keep_TK & ctx.valid_T.unsqueeze(1)
+        wanted = keep_TK.sum()
+        if self.cfg.capacity_factor > 0:
+            n_valid = T if ctx.valid_T is None else int(ctx.valid_T.sum())
+            capacity = math.ceil(self.cfg.k * self.cfg.capacity_factor * n_valid / E)
+            keep_TK = capacity_keep(expert_TK, keep_TK, E, capacity)
+        token_P, expert_P, weight_P = pairs_from_topk(expert_TK, weight_TK, keep_TK)
+        first_TE = F.one_hot(expert_TK[:, 0], E)
+        aux = {"balance": load_balance_loss(p_TE, first_TE, ctx.valid_T), "z": router_z_loss(z_TE, ctx.valid_T)}
+        dropped = wanted - keep_TK.sum()
+        return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), dropped=dropped)

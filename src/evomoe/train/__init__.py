@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer, checkpoints, metrics and the report."""

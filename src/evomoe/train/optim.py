@@ -1,0 +1,58 @@
+"""AdamW with decoupled weight decay on matrices (not on norms, biases or the routers)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_router = ".router." in f".{name}"
+        (decay if p.dim() >= 2 and not is_router else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True
+    )
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def rebuild_after_spawn(
+    old: torch.optim.Optimizer, model: nn.Module, cfg: TrainConfig, mapping: dict, mode: str
+) -> torch.optim.Optimizer:
+    """A new optimizer over the spawned model. Parameters that survived keep their state; spawned
+    experts start with fresh moments (``fresh``) or the base expert's moments copied to every expert
+    (``copy``, with the base's step count); the new gates always start fresh.
+    """
+    new = build_optimizer(model, cfg)
+    inverse = {new_p: old_p for old_p, new_p in mapping.items()}
+    for group in new.param_groups:
+        group["lr"] = old.param_groups[0]["lr"]
+        for p in group["params"]:
+            if p in inverse:
+                src = old.state.get(inverse[p])
+                if mode == "copy" and src:
+                    new.state[p] = {
+                        "step": src["step"].clone(),
+                        "exp_avg": src["exp_avg"].expand_as(p).clone(),
+                        "exp_avg_sq": src["exp_avg_sq"].expand_as(p).clone(),
+                    }
+            elif p in old.state:
+                new.state[p] = old.state[p]
+    return new

@@ -1,0 +1,105 @@
+"""``report.md`` with PNG plots from a run directory's metrics.jsonl and eval.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .metrics import read_jsonl  # noqa: E402
+
+PHASE_COLORS = {"diversify": "#e8f0fe", "sparsify": "#fef3e0", "sparse": "#e9f7ef"}
+
+
+def _shade_phases(ax, rows: list[dict]) -> None:
+    start, phase = 0, None
+    for r in rows + [{"step": rows[-1]["step"], "phase": None}]:
+        if r["phase"] != phase:
+            if phase is not None:
+                ax.axvspan(start, r["step"], color=PHASE_COLORS.get(phase, "#eee"), lw=0, label=phase)
+            start, phase = r["step"], r["phase"]
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_loss(rows, evals, out: Path) -> list[str]:
+    names = []
+    for x_key, label, fname in (("step", "step", "loss_vs_step.png"), ("flops", "training FLOPs executed", "loss_vs_flops.png")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if x_key == "step":
+            _shade_phases(ax, rows)
+        ax.plot([r[x_key] for r in rows], [r["loss"] for r in rows], lw=1, label="train loss")
+        if evals:
+            ax.plot([e[x_key] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        if x_key == "flops":
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        names.append(_save(fig, out / fname))
+    return names
+
+
+def plot_series(rows, key: str, ylabel: str, out: Path, fname: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    _shade_phases(ax, rows)
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    if pts:
+        ax.plot(*zip(*pts), lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, out / fname)
+
+
+def plot_expert_load(rows, out: Path) -> str | None:
+    """Mean share of routed pairs per expert over the last phase, one row per MoE layer."""
+    last_phase = rows[-1]["phase"]
+    loads = [r["tokens_per_expert"] for r in rows if r["phase"] == last_phase and r.get("tokens_per_expert")]
+    loads = [x for x in loads if len(x[0]) == len(loads[-1][0])]
+    if not loads or len(loads[-1][0]) < 2:
+        return None
+    mat = np.mean(np.array(loads), axis=0)
+    fig, ax = plt.subplots(figsize=(max(4, mat.shape[1] * 0.5 + 2), max(2.5, mat.shape[0] * 0.5 + 1.5)))
+    im = ax.imshow(mat, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"share of routed tokens per expert ({last_phase} phase)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, out / "tokens_per_expert.png")
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    rows, evals = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
+    lines = ["# evomoe run report", ""]
+    for k, v in summary.items():
+        lines.append(f"- **{k}**: {v:.6g}" if isinstance(v, float) else f"- **{k}**: {v}")
+    lines.append("")
+    if rows:
+        images = plot_loss(rows, evals, out)
+        images.append(plot_series(rows, "experts_per_token", "experts per token", out, "experts_per_token.png"))
+        images.append(plot_series(rows, "temperature", "gate temperature", out, "temperature.png"))
+        heat = plot_expert_load(rows, out)
+        if heat:
+            images.append(heat)
+        lines += [f"![{Path(n).stem}]({n})" for n in images]
+        lines.append("")
+    if evals:
+        lines += ["| step | phase | val loss | val ppl | bits/byte | experts/token |", "|---|---|---|---|---|---|"]
+        for e in evals:
+            lines.append(
+                f"| {e['step']} | {e['phase']} | {e['val_loss']:.4f} | {e['val_ppl']:.2f} | {e['val_bpb']:.4f} "
+                f"| {e['experts_per_token']:.2f} |"
+            )
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,314 @@
+"""The training loop: phases (diversify -> sparsify -> sparse), eval, checkpoints, metrics, report.
+
+One step: schedules give lr, temperature and the hard flag for this step; the model returns the LM loss
+and the aux losses; non-finite steps are skipped; statistics stay on the device until a log line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, to_dict
+from ..data import load_token_data
+from ..evolve import fresh_experts, spawn_model
+from ..models import GPT
+from ..moe.routing import GateState
+from ..schedule import Schedules, build_schedules
+from . import checkpoint as ckpt
+from .flops import training_flops
+from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
+from .optim import build_optimizer, rebuild_after_spawn, set_lr
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps); the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    flops: float = 0.0  # cumulative training FLOPs executed
+    tokens: int = 0
+    skipped_total: int = 0
+    skipped_in_a_row: int = 0
+    train_seconds: float = 0.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device = 'cuda' but no CUDA device is available (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str | Path,
+        env: Mapping[str, str] | None = None,
+        log: Callable[[str], None] = print,
+        progress: bool = True,
+        data=None,
+    ) -> None:
+        self.cfg, self.out, self.log, self.show_progress = cfg, Path(out_dir), log, progress
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        torch.manual_seed(t.seed)
+        self.data = data or load_token_data(cfg.data, cfg.model.seq_len, t.batch_size, env=env or {}, log=log)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.data.tokenizer.vocab_size
+        elif cfg.model.vocab_size < self.data.tokenizer.vocab_size:
+            raise TrainingError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.data.tokenizer.vocab_size} (set it to 0 to take the tokenizer's)"
+            )
+        self.router_info = self._router_info()
+        self.model = GPT(cfg.model, cfg.moe).to(self.device)
+        self.schedules: Schedules = build_schedules(cfg)
+        self.spawn_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17)
+        if cfg.moe.enabled and cfg.evolve.diversify_steps == 0:
+            fresh_experts(self.model, cfg, self.spawn_gen, **self.router_info)
+            self.model.to(self.device)
+        self.opt = build_optimizer(self.model, t)
+        self.state = RunState()
+        self.stop_requested: str | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _router_info(self) -> dict:
+        info: dict = {"vocab_size": self.cfg.model.vocab_size}
+        if self.cfg.router.name in ("hash",):
+            counts = np.bincount(np.asarray(self.data.train), minlength=self.cfg.model.vocab_size)
+            info["token_counts"] = torch.from_numpy(counts.astype(np.int64))
+        if self.cfg.router.name == "stablemoe":
+            info["stage2_step"] = self.schedules_stage2()
+        return info
+
+    def schedules_stage2(self) -> int:
+        return build_schedules(self.cfg).stage2_step
+
+    def spawn(self) -> None:
+        mapping = spawn_model(self.model, self.cfg, self.spawn_gen, **self.router_info)
+        self.model.to(self.device)
+        self.opt = rebuild_after_spawn(self.opt, self.model, self.cfg.train, mapping, self.cfg.evolve.opt_state)
+
+    def gate_state(self, step: int) -> GateState:
+        s = self.schedules
+        return GateState(
+            tau=s.tau(step),
+            hard=s.phases.phase(step) == "sparse",
+            step=step,
+            stage=1 if step < s.stage2_step else 2,
+        )
+
+    # ------------------------------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.state.step,
+            "run": asdict(self.state),
+            "spawned": self.model.spawned,
+            "optimizer": self.opt.state_dict(),
+            "schedules": self.schedules.state_dict(),
+            "rng": rng_state(),
+            "spawn_rng": self.spawn_gen.get_state(),
+            "config": to_dict(self.cfg),
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.out / "checkpoints", self.state.step, self.model, self.trainer_state(), self.cfg.train.keep_checkpoints
+        )
+
+    def restore(self, path: Path, truncate_logs: bool = True) -> None:
+        ts = ckpt.load_trainer_state(path)
+        if ts["spawned"] and not self.model.spawned:
+            self.spawn()
+        try:
+            ckpt.load_weights(self.model, path)
+            self.opt.load_state_dict(ts["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{path}' does not match this run's config ({str(e).splitlines()[0][:200]})"
+            ) from None
+        self.schedules = Schedules.from_state_dict(ts["schedules"])
+        self.state = RunState(**ts["run"])
+        set_rng_state(ts["rng"])
+        self.spawn_gen.set_state(ts["spawn_rng"])
+        for name in ("metrics.jsonl", "eval.jsonl") if truncate_logs else ():
+            truncate_jsonl(self.out / name, self.state.step)
+
+    # ------------------------------------------------------------------------------------------ step
+    def train_step(self, step: int, interval: IntervalStats) -> None:
+        cfg = self.cfg
+        if cfg.moe.enabled and not self.model.spawned and step >= self.schedules.phases.spawn_step:
+            self.spawn()
+        set_lr(self.opt, self.schedules.lr(step))
+        x, y = self.data.train_batch(step, cfg.train.seed, cfg.train.batch_size, cfg.model.seq_len)
+        x, y = x.to(self.device), y.to(self.device)
+        with self.autocast():
+            out = self.model(x, y, gate=self.gate_state(step))
+        loss = out.loss + out.aux_loss
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.skip_step(step, loss)
+        else:
+            self.opt.step()
+            self.state.skipped_in_a_row = 0
+        self.opt.zero_grad(set_to_none=True)
+        interval.add(out.loss, out.aux, out.stats, grad_norm)
+        self.state.flops += self.step_flops(out.stats, x.numel())
+        self.state.tokens += x.numel()
+
+    def autocast(self):
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def skip_step(self, step: int, loss: torch.Tensor) -> None:
+        bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        where = f" (first non-finite gradient in {bad[0]})" if bad else ""
+        self.log(f"step {step + 1}: non-finite loss {loss.item():.4g} or gradient{where}; update skipped")
+        self.state.skipped_total += 1
+        self.state.skipped_in_a_row += 1
+        if self.state.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
+            raise TrainingError(
+                f"{self.state.skipped_in_a_row} non-finite steps in a row (train.max_skipped_steps = "
+                f"{self.cfg.train.max_skipped_steps}) at step {step + 1}: lower train.lr, use fp32, or check the "
+                "data; the last good checkpoint is kept"
+            )
+
+    def step_flops(self, stats, tokens: int) -> float:
+        cfg = self.cfg.model
+        moe_pairs = sum(float(s.pairs) for s in stats)
+        n_dense = cfg.n_layers - len(stats)
+        routed = sum(float(s.tokens) for s in stats) if self.model.spawned else 0.0
+        return training_flops(cfg, tokens, cfg.seq_len, moe_pairs + n_dense * tokens, routed, self.cfg.moe.num_experts)
+
+    # ------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        saved_rng = rng_state()
+        self.model.eval()
+        t = self.cfg.train
+        total_loss, total_tokens, total_bytes, pairs = 0.0, 0, 0.0, 0.0
+        gate = self.gate_state(max(self.state.step - 1, 0))
+        for x, y in self.data.val_batches(t.eval_batches, t.batch_size, self.cfg.model.seq_len):
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast():
+                out = self.model(x, y, gate=gate)
+            total_loss += out.loss.item() * y.numel()
+            total_tokens += y.numel()
+            total_bytes += float(self.data.target_bytes(y))
+            if out.stats:
+                pairs += sum(float(s.pairs) / float(s.tokens) for s in out.stats) / len(out.stats) * y.numel()
+        self.model.train()
+        set_rng_state(saved_rng)
+        val_loss = total_loss / total_tokens
+        return {
+            "step": self.state.step,
+            "phase": self.schedules.phases.phase(max(self.state.step - 1, 0)),
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_bpb": total_loss / math.log(2) / max(total_bytes, 1.0),
+            "experts_per_token": pairs / total_tokens,
+            "flops": self.state.flops,
+            "tokens": self.state.tokens,
+        }
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.stop_requested = signal.Signals(signum).name
+
+    def run(self) -> dict:
+        from .progress import TrainProgress  # noqa: PLC0415 - rich is only needed for interactive runs
+
+        cfg, t = self.cfg, self.cfg.train
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
+        interval, last = IntervalStats(), None
+        bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
+        try:
+            with bar:
+                interval_seconds, interval_tokens = 0.0, 0
+                for step in range(self.state.step, t.steps):
+                    tic = time.perf_counter()
+                    self.train_step(step, interval)
+                    dt = time.perf_counter() - tic
+                    self.state.train_seconds += dt
+                    interval_seconds += dt
+                    interval_tokens += t.batch_size * cfg.model.seq_len
+                    self.state.step = done = step + 1
+                    if done % t.log_every == 0 or done == t.steps:
+                        row = self.log_row(step, interval, interval_tokens / max(interval_seconds, 1e-9))
+                        metrics.write(row)
+                        bar.update(done, row)
+                        interval.reset()
+                        interval_seconds, interval_tokens = 0.0, 0
+                    if done % t.eval_every == 0 or done == t.steps:
+                        last = self.evaluate()
+                        evals.write(last)
+                        bar.note(f"step {done}: val_loss {last['val_loss']:.4f}  ppl {last['val_ppl']:.2f}")
+                    if done % t.ckpt_every == 0 or done == t.steps or self.stop_requested:
+                        self.save()
+                    if self.stop_requested:
+                        self.log(f"{self.stop_requested}: checkpoint saved at step {done}; resume with --resume")
+                        break
+        finally:
+            metrics.close()
+            evals.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return {"stopped": self.stop_requested, "step": self.state.step, "eval": last}
+
+    def log_row(self, step: int, interval: IntervalStats, tokens_per_s: float) -> dict:
+        row = {
+            "step": step + 1,
+            "phase": self.schedules.phases.phase(step),
+            "lr": self.schedules.lr(step),
+            "temperature": self.schedules.tau(step) if self.model.spawned else None,
+            "hard": self.gate_state(step).hard,
+        }
+        row.update(interval.row())
+        row.update(
+            tokens_per_s=tokens_per_s,
+            flops=self.state.flops,
+            tokens=self.state.tokens,
+            skipped_steps=self.state.skipped_total,
+            train_seconds=self.state.train_seconds,
+        )
+        return row
+
+
+def resumable_checkpoint(out_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    return ckpt.find_good_checkpoint(out_dir / "checkpoints", log)
+
+
+def env_default() -> Mapping[str, str]:
+    return os.environ
