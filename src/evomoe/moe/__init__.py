@@ -1,0 +1,1 @@
+"""The MoE layer: routers, dispatch, experts, losses."""
