@@ -1,0 +1,193 @@
+"""Tokenizers: raw UTF-8 bytes, or a byte-level BPE trained with the ``tokenizers`` library.
+
+Both map any text to ids and back without loss, and both expose ``token_bytes``: how many UTF-8 bytes
+each id stands for, so that a summed loss in nats converts to bits per byte.
+
+Large texts are cut into ~64 KB chunks after a newline that has a non-space character on both sides.
+At such a point the byte-level pre-tokenizer (GPT-2's regex) splits the whole text too, so chunked
+encoding gives exactly the ids of encoding the text in one piece.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import tokenizers as hf
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ..config import ConfigError
+
+TOKENIZER_FILE = "tokenizer.json"
+CHUNK_CHARS = 1 << 16
+ENCODE_BATCH = 16  # chunks per encode_batch call: bounds the memory of the Encoding objects
+_CHUNK_BREAK = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline and the trainer need from a tokenizer."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def token_bytes(self) -> np.ndarray: ...
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray: ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+    def to_json(self) -> str: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+
+def iter_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Consecutive pieces of ``text`` of about ``size`` chars, cut only after a newline between non-spaces."""
+    pos, n = 0, len(text)
+    while pos < n:
+        if n - pos <= size:
+            yield text[pos:]
+            return
+        m = _CHUNK_BREAK.search(text, pos + size)
+        end = n if m is None else m.end()
+        yield text[pos:end]
+        pos = end
+
+
+class ByteTokenizer:
+    """Ids are the UTF-8 bytes of the text: vocabulary 256, every id one byte."""
+
+    kind = "bytes"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(256, dtype=np.int64)
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "vocab_size": 256}) + "\n"
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+
+def byte_level_map() -> dict[str, int]:
+    """The inverse of GPT-2's bytes-to-unicode table used by the ByteLevel pre-tokenizer."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class BPETokenizer:
+    """A byte-level BPE (``tokenizers`` library) with no special tokens and no added prefix space."""
+
+    kind = "bpe"
+
+    def __init__(self, tok: hf.Tokenizer) -> None:
+        self._tok = tok
+        self._token_bytes = self._count_token_bytes()
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        """Train on ``text`` (the training split); the vocabulary may come out smaller on little text."""
+        tok = hf.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
+        chunks = list(iter_chunks(text))
+        tok.train_from_iterator(chunks, trainer=trainer, length=len(chunks))
+        return cls(tok)
+
+    def _count_token_bytes(self) -> np.ndarray:
+        inv = byte_level_map()
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or any(c not in inv for c in piece):
+                raise ValueError(f"token id {i} ({piece!r}) is not a byte-level token")
+            out[i] = len(piece)  # one char of the byte-level alphabet per byte
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return self._token_bytes
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
+        chunks = list(iter_chunks(text))
+        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        parts: list[np.ndarray] = []
+        for i in range(0, len(chunks), ENCODE_BATCH):
+            for enc in encode_batch(chunks[i : i + ENCODE_BATCH], add_special_tokens=False):
+                parts.append(np.asarray(enc.ids, dtype=dtype))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+
+def train_tokenizer(kind: str, train_text: str, vocab_size: int) -> Tokenizer:
+    """A tokenizer of ``kind`` (``data.tokenizer``), trained on the training text when it is a BPE."""
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.train(train_text, vocab_size)
+    raise ConfigError(f"data.tokenizer = {kind!r}: choose from: bpe, bytes")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load what :meth:`save` wrote into ``directory``; ValueError when it is missing or malformed."""
+    path = Path(directory) / TOKENIZER_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot load tokenizer '{path}': {e}") from None
+    if isinstance(data, dict) and data.get("kind") == "bytes":
+        return ByteTokenizer()
+    try:
+        return BPETokenizer(hf.Tokenizer.from_str(json.dumps(data)))
+    except Exception as e:  # the Rust side raises plain Exception on malformed files
+        raise ValueError(f"cannot load tokenizer '{path}': {e}") from None
