@@ -94,8 +94,7 @@ def split_overrides(extra: list[str]) -> list[str]:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from .train.report import write_report  # noqa: PLC0415
-    from .train.trainer import Trainer, resumable_checkpoint  # noqa: PLC0415
+    from .train.run import run_training  # noqa: PLC0415
 
     out = Path(args.out)
     overrides = split_overrides(extra)
@@ -107,36 +106,14 @@ def cmd_train(args, extra: list[str]) -> int:
     else:
         cfg = load_config(args.config or "default", overrides)
     prepare_out_dir(out, args.resume, args.overwrite)
-    trainer = Trainer(cfg, out, env=os.environ, log=lambda s: print(s, file=sys.stderr), progress=not args.no_progress)
-    path = resumable_checkpoint(out, log=lambda s: print(s, file=sys.stderr)) if args.resume else None
-    if path is not None:
-        trainer.restore(path)
-        print(f"resuming from {path} (step {trainer.state.step})", file=sys.stderr)
-    elif args.resume:
-        print(f"no checkpoint in '{out}/checkpoints': starting a new run", file=sys.stderr)
-    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    result = trainer.run()
-    if result["stopped"]:
-        return 130 if result["stopped"] == "SIGINT" else 143
-    final = result["eval"] or trainer.evaluate()
-    summary = {
-        "router": cfg.router.name if cfg.moe.enabled else "dense",
-        "steps": trainer.state.step,
-        "val_loss": final["val_loss"],
-        "val_ppl": final["val_ppl"],
-        "val_bpb": final["val_bpb"],
-        "train_flops": trainer.state.flops,
-        "tokens": trainer.state.tokens,
-        "train_seconds": trainer.state.train_seconds,
-        "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
-        "skipped_steps": trainer.state.skipped_total,
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    report = write_report(out, summary)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    summary = run_training(cfg, out, args.resume, os.environ, log, progress=not args.no_progress)
+    if summary is None:
+        return 130
     print(
         f"done: {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
         f"perplexity {summary['val_ppl']:.2f}, bits/byte {summary['val_bpb']:.4f}, "
-        f"{summary['train_seconds']:.0f} s training\nreport: {report}"
+        f"{summary['train_seconds']:.0f} s training\nresults: {out / 'results.json'}\nreport: {summary['report']}"
     )
     return 0
 

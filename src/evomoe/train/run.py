@@ -1,0 +1,51 @@
+"""One training run in a directory, start to finish: the shared core of ``evomoe train`` and ``compare``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ..config import Config, to_toml
+from .report import write_report
+from .trainer import Trainer, resumable_checkpoint
+
+
+def run_training(
+    cfg: Config,
+    out: Path,
+    resume: bool,
+    env: Mapping[str, str],
+    log: Callable[[str], None],
+    progress: bool = True,
+    data=None,
+) -> dict | None:
+    """Train (or continue) the run in ``out``; return its summary, or None when stopped by a signal."""
+    trainer = Trainer(cfg, out, env=env, log=log, progress=progress, data=data)
+    path = resumable_checkpoint(out, log=log) if resume else None
+    if path is not None:
+        trainer.restore(path)
+        log(f"resuming from {path} (step {trainer.state.step})")
+    elif resume:
+        log(f"no checkpoint in '{out}/checkpoints': starting a new run")
+    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    result = trainer.run()
+    if result["stopped"]:
+        return None
+    final = result["eval"] or trainer.evaluate()
+    summary = {
+        "router": cfg.router.name if cfg.moe.enabled else "dense",
+        "seed": cfg.train.seed,
+        "steps": trainer.state.step,
+        "val_loss": final["val_loss"],
+        "val_ppl": final["val_ppl"],
+        "val_bpb": final["val_bpb"],
+        "train_flops": trainer.state.flops,
+        "tokens": trainer.state.tokens,
+        "train_seconds": trainer.state.train_seconds,
+        "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
+        "skipped_steps": trainer.state.skipped_total,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    summary["report"] = str(write_report(out, summary))
+    return summary
