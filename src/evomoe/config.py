@@ -88,7 +88,9 @@ class StableMoEConfig:
 @dataclass
 class RouterConfig:
     name: str = "dts"
-    gate_init: str = "zeros"  # zeros | normal (N(0, 0.02))
+    # auto: zeros for dts (uniform start; its Gumbel noise breaks ties), N(0, 0.02) for the others
+    # (a zero gate would send every token of an argmax router to expert 0)
+    gate_init: str = "auto"  # auto | zeros | normal
     dts: DTSConfig = field(default_factory=DTSConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
     soft: SoftConfig = field(default_factory=SoftConfig)
@@ -365,7 +367,7 @@ def validate(cfg: Config) -> None:
         f"must be <= n_layers={m.n_layers} so that at least one block is an MoE block",
     )
     _choice("router.name", cfg.router.name, ROUTERS.names())
-    _choice("router.gate_init", cfg.router.gate_init, ["zeros", "normal"])
+    _choice("router.gate_init", cfg.router.gate_init, ["auto", "zeros", "normal"])
     dts, tk = cfg.router.dts, cfg.router.topk
     _check(0.0 <= dts.threshold < 1.0, "router.dts.threshold", dts.threshold, "must be in [0, 1)")
     _choice("router.dts.combine", dts.combine, ["clean", "noisy"])

@@ -69,7 +69,7 @@ class IntervalStats:
         return {
             "loss": item(self.loss) / n,
             "aux": {k: item(v) / n for k, v in self.aux.items()},
-            "experts_per_token": pairs / tokens if tokens else 0.0,
+            "experts_per_token": pairs / tokens if tokens else 1.0,  # no MoE layer: one dense FFN per token
             "max_experts_per_token": item(self.max_k),
             "dropped_fraction": dropped / (pairs + dropped) if pairs + dropped else 0.0,
             "load_cv": sum(cvs) / len(cvs) if cvs else 0.0,

@@ -15,7 +15,7 @@ from ...config import RouterConfig
 from ...registry import ROUTERS
 from ..losses import load_balance_loss
 from ..routing import Router, RouterContext, Routing, pairs_from_mask
-from .gate import LinearGate, gumbel_like
+from .gate import LinearGate, resolve_init, gumbel_like
 
 
 @ROUTERS.register("dts")
@@ -23,7 +23,7 @@ class DTSRouter(Router):
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
         super().__init__(d_model, num_experts)
         self.cfg = cfg.dts
-        self.gate = LinearGate(d_model, num_experts, cfg.gate_init)
+        self.gate = LinearGate(d_model, num_experts, resolve_init(cfg.gate_init, "zeros"))
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight}

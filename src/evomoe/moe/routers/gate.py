@@ -14,7 +14,7 @@ class LinearGate(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.init == "zeros":
+        if self.init == "zeros":  # "auto" is resolved by the router before it gets here
             nn.init.zeros_(self.weight)
         else:
             nn.init.normal_(self.weight, std=0.02)
@@ -22,6 +22,10 @@ class LinearGate(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return x_TD.float() @ self.weight.float().t()
+
+
+def resolve_init(init: str, auto: str) -> str:
+    return auto if init == "auto" else init
 
 
 def gumbel_like(z: torch.Tensor) -> torch.Tensor:

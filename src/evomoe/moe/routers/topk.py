@@ -16,7 +16,7 @@ from ...config import RouterConfig
 from ...registry import ROUTERS
 from ..losses import load_balance_loss, router_z_loss
 from ..routing import Router, RouterContext, Routing, pairs_from_topk
-from .gate import LinearGate, gumbel_like
+from .gate import LinearGate, resolve_init, gumbel_like
 
 
 def capacity_keep(expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ class TopKRouter(Router):
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
         super().__init__(d_model, num_experts)
         self.cfg = cfg.topk
-        self.gate = LinearGate(d_model, num_experts, cfg.gate_init)
+        self.gate = LinearGate(d_model, num_experts, resolve_init(cfg.gate_init, "normal"))
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}
