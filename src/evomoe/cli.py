@@ -153,12 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's latest) on the validation split")
     e.add_argument("checkpoint")
-    try:
-        from .compare import add_compare_parser  # noqa: PLC0415
+    from .compare import add_compare_parser  # noqa: PLC0415
+    from .sweep import add_sweep_parser  # noqa: PLC0415
 
-        add_compare_parser(sub)
-    except ImportError:
-        pass
+    add_compare_parser(sub)
+    add_sweep_parser(sub)
     return p
 
 
@@ -166,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval}
-    if args.command == "compare":
+    if args.command in ("compare", "sweep"):
         from .compare import cmd_compare  # noqa: PLC0415
+        from .sweep import cmd_sweep  # noqa: PLC0415
 
-        handlers["compare"] = cmd_compare
+        handlers.update(compare=cmd_compare, sweep=cmd_sweep)
     from .train.checkpoint import CheckpointError  # noqa: PLC0415
     from .train.trainer import TrainingError  # noqa: PLC0415
 
