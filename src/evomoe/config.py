@@ -215,7 +215,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         path = f"{prefix}{key}"
         if key not in types_:
             choices = ", ".join(types_)
-            raise ConfigError(f"unknown config key '{path}' (choose from: {choices})")
+            raise ConfigError(f"unknown config key '{path}' = {value!r} (choose from: {choices})")
         typ = types_[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
@@ -313,6 +313,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    # control characters (but tab) may not appear raw in a TOML string: escape them
+    s = "".join(f"\\u{ord(c):04x}" if (c < " " and c != "\t") or c == "\x7f" else c for c in s)
     return f'"{s}"'
 
 

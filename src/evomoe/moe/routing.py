@@ -39,7 +39,9 @@ class Routing:
 
     aux: unscaled auxiliary losses by name (coefficients live in the config).
     probs_TE: the router's clean distribution over experts (detached), for entropy stats; or None.
-    dropped_T: count of tokens that wanted an expert but got fewer than asked (capacity), as a 0-d tensor.
+    dropped: count of (token, expert) pairs a router chose but dropped for capacity, as a 0-d tensor.
+    fixed_k: set when every token has exactly this many pairs in token-major order (pair p belongs to
+    token p // fixed_k); the dispatcher then folds rows back by a reshape instead of a sort by token.
     """
 
     token_idx_P: torch.Tensor
@@ -48,6 +50,7 @@ class Routing:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     probs_TE: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
+    fixed_k: int | None = None
 
 
 class Router(nn.Module):
