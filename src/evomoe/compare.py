@@ -65,7 +65,9 @@ def run_one(cfg: Config, out: Path, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = run_training(cfg, out, resume=True, env=os.environ, log=log, progress=False)
     if summary is None:
-        raise KeyboardInterrupt
+        from .cli import CLIError  # noqa: PLC0415
+
+        raise CLIError(f"interrupted during '{out}' (checkpoint saved): rerun the same command to resume")
     return summary
 
 
