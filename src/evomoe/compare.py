@@ -72,9 +72,12 @@ def run_one(cfg: Config, out: Path, log) -> dict:
 
 
 def _with_vocab(cfg: Config, saved: Config) -> Config:
+    """``cfg`` as it compares with a saved run: the resolved vocabulary, and the saved values of
+    settings that do not change results (thread count, progress output)."""
     c = _copy(cfg)
     if c.model.vocab_size == 0:
         c.model.vocab_size = saved.model.vocab_size
+    c.train.threads = saved.train.threads
     return c
 
 

@@ -57,6 +57,28 @@ class IntervalStats:
         else:
             self.counts = [a + b for a, b in zip(self.counts, counts)]
 
+    FIELDS = ("steps", "loss", "aux", "tokens", "pairs", "dropped", "max_k", "entropy", "counts", "grad_norm")
+
+    def state_dict(self) -> dict:
+        """The sums of a partly filled interval, for a checkpoint written between two log lines: a resumed
+        run then logs the same row as an uninterrupted one (tensors are detached copies on the CPU)."""
+        cpu = lambda v: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        state = {k: cpu(getattr(self, k)) for k in self.FIELDS if k not in ("aux", "counts")}
+        state["aux"] = {k: cpu(v) for k, v in self.aux.items()}
+        state["counts"] = None if self.counts is None else [cpu(c) for c in self.counts]
+        return state
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        dev = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        self.reset()
+        for k in self.FIELDS:
+            if k == "aux":
+                self.aux = {name: dev(v) for name, v in state["aux"].items()}
+            elif k == "counts":
+                self.counts = None if state["counts"] is None else [dev(c) for c in state["counts"]]
+            else:
+                setattr(self, k, dev(state[k]))
+
     def row(self) -> dict:
         n = max(self.steps, 1)
         item = lambda v: float(v) if not isinstance(v, torch.Tensor) else v.item()  # noqa: E731

@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..config import Config, to_toml
-from .report import write_report
+from .checkpoint import write_bytes_atomic
+from .metrics import truncate_jsonl
 from .trainer import Trainer, resumable_checkpoint
 
 
@@ -28,7 +29,10 @@ def run_training(
         log(f"resuming from {path} (step {trainer.state.step})")
     elif resume:
         log(f"no checkpoint in '{out}/checkpoints': starting a new run")
-    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        for name in ("metrics.jsonl", "eval.jsonl"):  # rows of a run killed before its first checkpoint
+            truncate_jsonl(out / name, 0)
+    # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
+    write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
     result = trainer.run()
     if result["stopped"]:
         return None
@@ -46,6 +50,8 @@ def run_training(
         "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
         "skipped_steps": trainer.state.skipped_total,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    write_bytes_atomic(out / "results.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+    from .report import write_report  # noqa: PLC0415 - matplotlib only once training is done (fast start)
+
     summary["report"] = str(write_report(out, summary))
     return summary
