@@ -61,11 +61,6 @@ class TopKConfig:
 
 
 @dataclass
-class SoftConfig:
-    balance_weight: float = 0.0
-
-
-@dataclass
 class BaseConfig:
     auction_eps: float = 0.0  # 0: chosen from the affinities' scale
     auction_iters: int = 200
@@ -93,7 +88,6 @@ class RouterConfig:
     gate_init: str = "auto"  # auto | zeros | normal
     dts: DTSConfig = field(default_factory=DTSConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
-    soft: SoftConfig = field(default_factory=SoftConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     stablemoe: StableMoEConfig = field(default_factory=StableMoEConfig)
@@ -381,10 +375,19 @@ def validate(cfg: Config) -> None:
     _check(0.0 < sm.stage1_fraction < 1.0, "router.stablemoe.stage1_fraction", sm.stage1_fraction, "must be in (0, 1)")
     _check(sm.embed_dim >= 1, "router.stablemoe.embed_dim", sm.embed_dim, "must be >= 1")
     _check(cfg.router.base.auction_iters >= 1, "router.base.auction_iters", cfg.router.base.auction_iters, ">= 1")
-    for name in ("balance_weight",):
-        _check(getattr(dts, name) >= 0, f"router.dts.{name}", getattr(dts, name), "must be >= 0")
-    _check(tk.aux_weight >= 0, "router.topk.aux_weight", tk.aux_weight, "must be >= 0")
-    _check(tk.z_loss_weight >= 0, "router.topk.z_loss_weight", tk.z_loss_weight, "must be >= 0")
+    finite_nonneg = {
+        "router.dts.balance_weight": dts.balance_weight,
+        "router.topk.aux_weight": tk.aux_weight,
+        "router.topk.z_loss_weight": tk.z_loss_weight,
+        "router.stablemoe.balance_weight": sm.balance_weight,
+        "router.stablemoe.distill_weight": sm.distill_weight,
+        "router.base.auction_eps": cfg.router.base.auction_eps,
+        "evolve.noise": cfg.evolve.noise,
+        "train.weight_decay": cfg.train.weight_decay,
+    }
+    for name, value in finite_nonneg.items():
+        _check(0.0 <= value < math.inf, name, value, "must be finite and >= 0")
+    _check(cfg.train.seed >= 0, "train.seed", cfg.train.seed, "must be >= 0")
 
     _check(e.diversify_steps >= 0, "evolve.diversify_steps", e.diversify_steps, "must be >= 0")
     _check(

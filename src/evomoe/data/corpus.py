@@ -60,6 +60,7 @@ class CorpusText:
     fingerprint: str
     train_files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
+    replaced_files: tuple[str, ...] = ()  # files that held undecodable bytes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,12 +280,16 @@ def read_corpus(cfg: DataConfig, listing: CorpusListing | None = None) -> Corpus
         cut = _cut_point(data, round(len(data) * (1.0 - cfg.val_fraction)))
         train_text, n1 = decode_counting(data[:cut])
         val_text, n2 = decode_counting(data[cut:])
-        return CorpusText(train_text, val_text, 1, 1, n1 + n2, n_binary, listing.fingerprint, (rel,), (rel,))
+        bad = (rel,) if n1 + n2 else ()
+        return CorpusText(train_text, val_text, 1, 1, n1 + n2, n_binary, listing.fingerprint, (rel,), (rel,), bad)
     train_rels, val_rels = split_names(sorted(texts), cfg.val_fraction)
     decoded: dict[str, str] = {}
+    replaced_files = []
     for rel, data in texts.items():
         decoded[rel], n = decode_counting(data)
         n_replaced += n
+        if n:
+            replaced_files.append(rel)
     return CorpusText(
         train_text=_join([decoded[r] for r in train_rels]),
         val_text=_join([decoded[r] for r in val_rels]),
@@ -295,13 +300,21 @@ def read_corpus(cfg: DataConfig, listing: CorpusListing | None = None) -> Corpus
         fingerprint=listing.fingerprint,
         train_files=tuple(train_rels),
         val_files=tuple(val_rels),
+        replaced_files=tuple(sorted(replaced_files)),
     )
 
 
 def describe(text: CorpusText) -> str:
-    """One log line about a read corpus."""
-    return (
+    """Log lines about a read corpus (a warning naming the files that are not UTF-8)."""
+    line = (
         f"data: corpus {text.n_files_train} train / {text.n_files_val} val files, "
         f"{len(text.train_text):,} / {len(text.val_text):,} chars, {text.n_replaced} undecodable bytes "
         f"replaced, {text.n_binary_skipped} binary files skipped"
     )
+    if text.replaced_files:
+        shown = ", ".join(text.replaced_files[:5]) + (" ..." if len(text.replaced_files) > 5 else "")
+        line += (
+            f"\nwarning: data: {len(text.replaced_files)} file(s) are not UTF-8 ({shown}): their undecodable "
+            "bytes were replaced by U+FFFD; re-encode them as UTF-8 or leave them out (data.extensions)"
+        )
+    return line
