@@ -71,6 +71,8 @@ def plot_expert_load(rows, out: Path) -> str | None:
     mat = np.mean(np.array(loads), axis=0)
     fig, ax = plt.subplots(figsize=(max(4, mat.shape[1] * 0.5 + 2), max(2.5, mat.shape[0] * 0.5 + 1.5)))
     im = ax.imshow(mat, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(mat.shape[1]))
+    ax.set_yticks(range(mat.shape[0]))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(f"share of routed tokens per expert ({last_phase} phase)", fontsize=9)
