@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_dict, to_toml
+from .parallel.env import world_info
 
 # fields that may change when a run is resumed; everything else must match the saved config
 RESUME_MUTABLE = {
@@ -21,6 +22,8 @@ RESUME_MUTABLE = {
     "train.device",
     "train.threads",
     "train.max_skipped_steps",
+    "parallel.ep",  # checkpoints store experts by global id: a run may resume on another layout
+    "parallel.dp_shard",
 }
 EVAL_MUTABLE = {"train.eval_batches", "train.device", "train.threads", "train.batch_size"}
 RUN_FILES = ("config.toml", "metrics.jsonl", "eval.jsonl", "checkpoints", "report.md", "results.json")
@@ -105,9 +108,15 @@ def cmd_train(args, extra: list[str]) -> int:
         check_resume_compatible(saved, cfg)
     else:
         cfg = load_config(args.config or "default", overrides)
+    if world_info(os.environ).distributed:  # launched by torchrun
+        return train_distributed(args, cfg, out)
     prepare_out_dir(out, args.resume, args.overwrite)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     summary = run_training(cfg, out, args.resume, os.environ, log, progress=not args.no_progress)
+    return print_summary(summary, out)
+
+
+def print_summary(summary: dict | None, out: Path) -> int:
     if summary is None:
         return 130
     print(
@@ -115,6 +124,48 @@ def cmd_train(args, extra: list[str]) -> int:
         f"perplexity {summary['val_ppl']:.2f}, bits/byte {summary['val_bpb']:.4f}, "
         f"{summary['train_seconds']:.0f} s training\nresults: {out / 'results.json'}\nreport: {summary['report']}"
     )
+    return 0
+
+
+def train_distributed(args, cfg: Config, out: Path) -> int:
+    """Under torchrun: every rank computes its share of each step; rank 0 prepares --out and writes every file
+    (config, metrics, eval, checkpoints, results, report), the other ranks write nothing."""
+    from .parallel.env import broadcast_from_main, distributed_session  # noqa: PLC0415
+    from .train.run import run_training  # noqa: PLC0415
+
+    with distributed_session(os.environ) as info:
+        error = None
+        if info.rank == 0:
+            try:
+                prepare_out_dir(out, args.resume, args.overwrite)
+            except (CLIError, OSError) as e:
+                error = str(e)
+        error = broadcast_from_main(error)
+        if error is not None:
+            if info.rank == 0:
+                raise CLIError(error)
+            return 2
+        if info.rank == 0:
+            log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+            summary = run_training(cfg, out, args.resume, os.environ, log, progress=not args.no_progress)
+            return print_summary(summary, out)
+        return train_worker(cfg, out, args.resume)
+
+
+def train_worker(cfg: Config, out: Path, resume: bool) -> int:
+    """A rank other than 0: the collective part of ``run_training`` (restore, steps, final evaluation)."""
+    from .train.trainer import Trainer, resumable_checkpoint  # noqa: PLC0415
+
+    quiet = lambda s: None  # noqa: E731 - rank 0 reports; errors still raise on every rank
+    trainer = Trainer(cfg, out, env=os.environ, log=quiet, progress=False)
+    path = resumable_checkpoint(out, log=quiet) if resume else None
+    if path is not None:
+        trainer.restore(path)
+    result = trainer.run()
+    if result["stopped"]:
+        return 130
+    if result["eval"] is None:
+        trainer.evaluate()
     return 0
 
 
@@ -135,6 +186,9 @@ def cmd_eval(args, extra: list[str]) -> int:
         if o.lstrip("-").split("=")[0] not in EVAL_MUTABLE:
             raise ConfigError(f"'{o}': eval accepts only {', '.join(sorted(EVAL_MUTABLE))}")
     cfg = apply_overrides(config_from_dict(state["config"]), overrides)
+    if world_info(os.environ).distributed:
+        raise CLIError("evomoe eval runs in one process (a checkpoint holds all experts): without torchrun")
+    cfg.parallel.ep = 1  # a checkpoint written with expert parallelism holds every expert by global id
     trainer = Trainer(cfg, path.parent.parent, env=os.environ, log=lambda s: print(s, file=sys.stderr), progress=False)
     trainer.restore(path, truncate_logs=False)
     result = trainer.evaluate()

@@ -62,9 +62,32 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name)
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically and keep the newest ``keep`` complete ones."""
-    for name, p in model.named_parameters():
+class _StateDictView:
+    """A state dict in the place of a module for ``save_model``, which only calls ``state_dict()``: a gathered
+    state dict is then written exactly as a single-process model's (same tied-tensor handling)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep the newest ``keep`` complete ones.
+
+    ``weights``: the full state dict to write instead of ``model``'s own (a sharded run passes its experts
+    gathered by global id), so the file is the same whatever the parallel layout.
+    """
+    named = weights.items() if weights is not None else model.named_parameters()
+    for name, p in named:
         if not torch.isfinite(p).all():
             raise CheckpointError(f"refusing to write a checkpoint with non-finite weights ({name}) at step {step}")
     root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +95,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    save_model(model if weights is None else _StateDictView(weights), str(tmp / "model.safetensors"))
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
     (tmp / "trainer.pt").write_bytes(buf.getvalue())

@@ -19,9 +19,9 @@ import torch
 
 from ..config import Config, to_dict
 from ..data import load_token_data
-from ..evolve import fresh_experts, spawn_model
 from ..models import GPT
 from ..moe.routing import GateState
+from ..parallel.base import NullWriter, make_parallel
 from ..schedule import Schedules, build_schedules
 from . import checkpoint as ckpt
 from .flops import training_flops
@@ -79,8 +79,13 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
+        # parallel: NoParallel (plain single-device behaviour) unless launched by torchrun (WORLD_SIZE > 1)
+        self.par = make_parallel(cfg, env or {}, self.device, log)
+        self.show_progress = progress and self.par.is_main
         torch.manual_seed(t.seed)
-        self.data = data or load_token_data(cfg.data, cfg.model.seq_len, t.batch_size, env=env or {}, log=log)
+        self.data = data or self.par.main_first(
+            lambda: load_token_data(cfg.data, cfg.model.seq_len, t.batch_size, env=env or {}, log=log)
+        )
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.data.tokenizer.vocab_size:
@@ -93,9 +98,10 @@ class Trainer:
         self.schedules: Schedules = build_schedules(cfg)
         self.spawn_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17)
         if cfg.moe.enabled and cfg.evolve.diversify_steps == 0:
-            fresh_experts(self.model, cfg, self.spawn_gen, **self.router_info)
+            self.par.fresh_experts(self.model, cfg, self.spawn_gen, self.router_info)
             self.model.to(self.device)
-        self.opt = build_optimizer(self.model, t)
+        self.fwd = self.par.wrap(self.model)  # the module called for training forwards (DDP / FSDP / model)
+        self.opt = self.par.prepare_optimizer(build_optimizer(self.model, t))
         self.state = RunState()
         self.stop_requested: str | None = None
 
@@ -113,9 +119,10 @@ class Trainer:
         return build_schedules(self.cfg).stage2_step
 
     def spawn(self) -> None:
-        mapping = spawn_model(self.model, self.cfg, self.spawn_gen, **self.router_info)
+        mapping = self.par.spawn_model(self.model, self.cfg, self.spawn_gen, self.router_info)
         self.model.to(self.device)
-        self.opt = rebuild_after_spawn(self.opt, self.model, self.cfg.train, mapping, self.cfg.evolve.opt_state)
+        opt = rebuild_after_spawn(self.opt, self.model, self.cfg.train, mapping, self.cfg.evolve.opt_state)
+        self.opt = self.par.prepare_optimizer(opt)
 
     def gate_state(self, step: int) -> GateState:
         s = self.schedules
@@ -132,25 +139,30 @@ class Trainer:
             "step": self.state.step,
             "run": asdict(self.state),
             "spawned": self.model.spawned,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self.par.full_optimizer_state(self.opt),
             "schedules": self.schedules.state_dict(),
             "rng": rng_state(),
             "spawn_rng": self.spawn_gen.get_state(),
             "config": to_dict(self.cfg),
         }
 
-    def save(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.out / "checkpoints", self.state.step, self.model, self.trainer_state(), self.cfg.train.keep_checkpoints
-        )
+    def save(self) -> Path | None:
+        """Every rank gathers (experts by global id); rank 0 writes; all wait for the complete checkpoint."""
+        weights, state = self.par.full_state_dict(self.model), self.trainer_state()
+        path = None
+        if self.par.is_main:
+            root, keep = self.out / "checkpoints", self.cfg.train.keep_checkpoints
+            path = ckpt.save_checkpoint(root, self.state.step, self.model, state, keep, weights)
+        self.par.barrier()
+        return path
 
     def restore(self, path: Path, truncate_logs: bool = True) -> None:
         ts = ckpt.load_trainer_state(path)
         if ts["spawned"] and not self.model.spawned:
             self.spawn()
         try:
-            ckpt.load_weights(self.model, path)
-            self.opt.load_state_dict(ts["optimizer"])
+            self.par.load_weights(self.model, path, ckpt.load_weights)
+            self.opt.load_state_dict(self.par.shard_optimizer_state(ts["optimizer"], self.opt))
         except (RuntimeError, ValueError, KeyError) as e:
             raise ckpt.CheckpointError(
                 f"checkpoint '{path}' does not match this run's config ({str(e).splitlines()[0][:200]})"
@@ -158,8 +170,9 @@ class Trainer:
         self.schedules = Schedules.from_state_dict(ts["schedules"])
         self.state = RunState(**ts["run"])
         set_rng_state(ts["rng"])
+        self.par.align_rng(ts["rng"])
         self.spawn_gen.set_state(ts["spawn_rng"])
-        for name in ("metrics.jsonl", "eval.jsonl") if truncate_logs else ():
+        for name in ("metrics.jsonl", "eval.jsonl") if truncate_logs and self.par.is_main else ():
             truncate_jsonl(self.out / name, self.state.step)
 
     # ------------------------------------------------------------------------------------------ step
@@ -168,24 +181,30 @@ class Trainer:
         if cfg.moe.enabled and not self.model.spawned and step >= self.schedules.phases.spawn_step:
             self.spawn()
         set_lr(self.opt, self.schedules.lr(step))
-        x, y = self.data.train_batch(step, cfg.train.seed, cfg.train.batch_size, cfg.model.seq_len)
+        batch = self.data.train_batch(step, cfg.train.seed, cfg.train.batch_size, cfg.model.seq_len)
+        x_global = batch[0]
+        x, y = self.par.local_batch(*batch)  # this rank's rows of the global batch
         x, y = x.to(self.device), y.to(self.device)
         with self.autocast():
-            out = self.model(x, y, gate=self.gate_state(step))
+            out = self.fwd(x, y, gate=self.gate_state(step))
         loss = out.loss + out.aux_loss
         loss.backward()
+        self.par.sync_grads(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        grad_norm = self.par.clip_grad_norm(self.model, params, clip)
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        flops = self.step_flops(out.stats, x.numel())
+        finite, flops = self.par.reduce_step(finite, flops, self.stop_requested)  # agreed by all ranks
+        if not finite:
             self.skip_step(step, loss)
         else:
             self.opt.step()
             self.state.skipped_in_a_row = 0
         self.opt.zero_grad(set_to_none=True)
         interval.add(out.loss, out.aux, out.stats, grad_norm)
-        self.state.flops += self.step_flops(out.stats, x.numel())
-        self.state.tokens += x.numel()
+        self.state.flops += flops
+        self.state.tokens += x_global.numel()
 
     def autocast(self):
         enabled = self.cfg.train.precision == "bf16"
@@ -220,6 +239,7 @@ class Trainer:
         total_loss, total_tokens, total_bytes, pairs = 0.0, 0, 0.0, 0.0
         gate = self.gate_state(max(self.state.step - 1, 0))
         for x, y in self.data.val_batches(t.eval_batches, t.batch_size, self.cfg.model.seq_len):
+            x, y = self.par.local_batch(x, y)
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 out = self.model(x, y, gate=gate)
@@ -230,6 +250,8 @@ class Trainer:
                 pairs += sum(float(s.pairs) / float(s.tokens) for s in out.stats) / len(out.stats) * y.numel()
         self.model.train()
         set_rng_state(saved_rng)
+        sums = self.par.sum_floats([total_loss, total_tokens, total_bytes, pairs])  # over the ranks' rows
+        total_loss, total_tokens, total_bytes, pairs = sums
         val_loss = total_loss / total_tokens
         return {
             "step": self.state.step,
@@ -251,7 +273,10 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
+        if self.par.is_main:
+            metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
+        else:  # every rank computes; rank 0 writes
+            metrics, evals = NullWriter(), NullWriter()
         interval, last = IntervalStats(), None
         bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
         try:
@@ -266,7 +291,9 @@ class Trainer:
                     interval_tokens += t.batch_size * cfg.model.seq_len
                     self.state.step = done = step + 1
                     if done % t.log_every == 0 or done == t.steps:
+                        comm = self.par.reduce_interval(interval, self.model.spawned)  # all ranks' statistics
                         row = self.log_row(step, interval, interval_tokens / max(interval_seconds, 1e-9))
+                        row.update(comm)
                         metrics.write(row)
                         bar.update(done, row)
                         interval.reset()
@@ -275,10 +302,13 @@ class Trainer:
                         last = self.evaluate()
                         evals.write(last)
                         bar.note(f"step {done}: val_loss {last['val_loss']:.4f}  ppl {last['val_ppl']:.2f}")
-                    if done % t.ckpt_every == 0 or done == t.steps or self.stop_requested:
+                    # with several ranks, the stop request agreed at this step (a signal may reach one rank)
+                    stop = self.par.agreed_stop(self.stop_requested)
+                    if done % t.ckpt_every == 0 or done == t.steps or stop:
                         self.save()
-                    if self.stop_requested:
-                        self.log(f"{self.stop_requested}: checkpoint saved at step {done}; resume with --resume")
+                    if stop:
+                        self.stop_requested = stop
+                        self.log(f"{stop}: checkpoint saved at step {done}; resume with --resume")
                         break
         finally:
             metrics.close()
