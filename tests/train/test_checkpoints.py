@@ -92,12 +92,6 @@ def test_latest_pointer_to_a_missing_checkpoint_is_ignored(checkpoints):
     assert ckpt.find_good_checkpoint(checkpoints, lambda s: None) == checkpoints / NEWEST
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="checkpoint.checkpoint_candidates reads 'latest' with read_text(): a flipped byte that makes it "
-    "invalid UTF-8 raises UnicodeDecodeError instead of falling back. Fix: see docs/reliability.md.",
-)
 def test_latest_pointer_with_a_flipped_byte_is_ignored(checkpoints):
     flip_byte(checkpoints / "latest", offset=0)  # 's' ^ 0x5A = ')' : still ASCII
     assert ckpt.find_good_checkpoint(checkpoints, lambda s: None) == checkpoints / NEWEST
@@ -140,14 +134,6 @@ def test_eval_falls_back_and_fails_clearly_when_nothing_verifies(cli, copy_run):
     assert f"error: no complete checkpoint under '{run}/checkpoints'" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="checkpoint.save_checkpoint prunes by name (_step_dirs(root)[:-keep]) and so deletes the "
-    "checkpoint it has just written when newer-named (corrupt or abandoned) checkpoints exist, e.g. a run "
-    "that starts over because every checkpoint is corrupt: 'latest' then names a deleted directory. Fix: "
-    "see docs/reliability.md.",
-)
 def test_a_run_that_starts_over_keeps_its_new_checkpoints(cli, copy_run, tiny_args, monkeypatch):
     import os
     import signal
@@ -238,14 +224,6 @@ def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(cli, tmp_path
     assert (out / "config.toml").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a failed checkpoint write is not turned into a CheckpointError: the safetensors writer raises "
-    "SafetensorError (a traceback, exit 1), a Python write an OSError without a file name; neither message "
-    "names the checkpoint or says to free space, and the partial .tmp_step_* directory is left on the full "
-    "disk. Fix: see docs/reliability.md (checkpoint.save_checkpoint).",
-)
 @pytest.mark.parametrize("where", ["weights", "state"])
 def test_full_disk_message_names_the_checkpoint_and_the_fix(cli, tmp_path, monkeypatch, where):
     out = tmp_path / "run"

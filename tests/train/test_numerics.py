@@ -119,13 +119,6 @@ def test_skips_that_are_not_consecutive_do_not_stop_the_run(tmp_path, evomoe_cac
     assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000012")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Trainer.train_step clips before it looks for the non-finite gradient: clip_grad_norm_ multiplies "
-    "every gradient by max_norm / NaN, so skip_step always names the first parameter (tok_emb.weight), not "
-    "the layer where the NaN arose. Fix: see docs/reliability.md (Trainer.train_step).",
-)
 def test_skip_names_the_layer_with_the_non_finite_gradient(tmp_path, evomoe_cache):
     trainer, logs = make_trainer(tmp_path, evomoe_cache)
     name = "blocks.1.attn.proj.weight"

@@ -187,13 +187,6 @@ def test_interval_stats_state_round_trip():
     assert a.row() == b.row()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="trainer.py keeps the partly filled log interval in a local IntervalStats that is not saved in "
-    "checkpoints: a run stopped (or killed) between two log lines logs, after --resume, a row averaged over "
-    "fewer steps than the uninterrupted run. Fix: see docs/reliability.md (Trainer.trainer_state/restore).",
-)
 def test_stop_between_log_lines_resumes_the_same_rows(tmp_path, evomoe_cache):
     env = {"EVOMOE_CACHE": str(evomoe_cache)}
     cfg = short_cfg(train__log_every=4)
@@ -253,13 +246,6 @@ def test_sigint_saves_and_a_kill_before_the_first_checkpoint_starts_over(cli, tm
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [6, 12]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Trainer.run installs its SIGTERM/SIGINT handlers before opening metrics.jsonl, outside the "
-    "try/finally that restores them: when the open fails, Ctrl-C no longer interrupts the process. Fix: "
-    "see docs/reliability.md (Trainer.run).",
-)
 def test_signal_handlers_restored_when_run_fails_early(tmp_path, evomoe_cache):
     cfg = short_cfg()
     trainer = Trainer(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 MANIFEST = "manifest.json"
@@ -93,6 +94,25 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
+    try:
+        _write_checkpoint_dir(tmp, final, step, model, trainer_state, weights)
+        write_bytes_atomic(root / "latest", final.name.encode())
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(
+            f"cannot write checkpoint '{final}' ({why}): free space on that disk or fix its permissions, then "
+            "continue with --resume; the earlier checkpoints are kept"
+        ) from None
+    # prune only checkpoints older than the one just written: newer-named leftovers of an abandoned
+    # history must not push the new checkpoint out
+    older = [d for d in _step_dirs(root) if d.name < final.name]
+    for old in older[: max(len(older) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_dir(tmp: Path, final: Path, step: int, model, trainer_state: dict, weights) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model if weights is None else _StateDictView(weights), str(tmp / "model.safetensors"))
@@ -109,11 +129,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    write_bytes_atomic(root / "latest", final.name.encode())
-    for old in _step_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -140,7 +156,7 @@ def checkpoint_candidates(root: Path) -> list[Path]:
     dirs = list(reversed(_step_dirs(root)))
     latest = root / "latest"
     if latest.is_file():
-        named = root / latest.read_text().strip()
+        named = root / latest.read_bytes().decode("utf-8", "replace").strip()
         if named in dirs:
             dirs.remove(named)
             dirs.insert(0, named)

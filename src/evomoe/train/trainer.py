@@ -104,6 +104,7 @@ class Trainer:
         self.opt = self.par.prepare_optimizer(build_optimizer(self.model, t))
         self.state = RunState()
         self.stop_requested: str | None = None
+        self.interval = IntervalStats()
 
     # ------------------------------------------------------------------------------------------ setup
     def _router_info(self) -> dict:
@@ -144,6 +145,9 @@ class Trainer:
             "rng": rng_state(),
             "spawn_rng": self.spawn_gen.get_state(),
             "config": to_dict(self.cfg),
+            # the partly filled log interval, so a resumed run logs the same rows; with several ranks each
+            # holds only its own sums, so a resumed multi-process run starts the interval afresh
+            "interval": self.interval.state_dict() if self.par.world_size == 1 else None,
         }
 
     def save(self) -> Path | None:
@@ -172,6 +176,8 @@ class Trainer:
         set_rng_state(ts["rng"])
         self.par.align_rng(ts["rng"])
         self.spawn_gen.set_state(ts["spawn_rng"])
+        if ts.get("interval") is not None and self.par.world_size == 1:
+            self.interval.load_state_dict(ts["interval"], self.device)
         for name in ("metrics.jsonl", "eval.jsonl") if truncate_logs and self.par.is_main else ():
             truncate_jsonl(self.out / name, self.state.step)
 
@@ -192,12 +198,13 @@ class Trainer:
         self.par.sync_grads(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        pre_clip_norms = torch._foreach_norm([p.grad for p in params]) if params else []
         grad_norm = self.par.clip_grad_norm(self.model, params, clip)
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
         flops = self.step_flops(out.stats, x.numel())
         finite, flops = self.par.reduce_step(finite, flops, self.stop_requested)  # agreed by all ranks
         if not finite:
-            self.skip_step(step, loss)
+            self.skip_step(step, loss, params, pre_clip_norms)
         else:
             self.opt.step()
             self.state.skipped_in_a_row = 0
@@ -210,8 +217,9 @@ class Trainer:
         enabled = self.cfg.train.precision == "bf16"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def skip_step(self, step: int, loss: torch.Tensor) -> None:
-        bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    def skip_step(self, step: int, loss: torch.Tensor, params: list, norms: list) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        bad = [names.get(id(p), "?") for p, norm in zip(params, norms) if not torch.isfinite(norm)]
         where = f" (first non-finite gradient in {bad[0]})" if bad else ""
         self.log(f"step {step + 1}: non-finite loss {loss.item():.4g} or gradient{where}; update skipped")
         self.state.skipped_total += 1
@@ -272,13 +280,13 @@ class Trainer:
         from .progress import TrainProgress  # noqa: PLC0415 - rich is only needed for interactive runs
 
         cfg, t = self.cfg, self.cfg.train
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         if self.par.is_main:
             metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
         else:  # every rank computes; rank 0 writes
             metrics, evals = NullWriter(), NullWriter()
-        interval, last = IntervalStats(), None
+        interval, last = self.interval, None
         bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             with bar:
                 interval_seconds, interval_tokens = 0.0, 0
