@@ -45,6 +45,11 @@ def variants(base, vary: list[tuple[str, list[str]]]) -> list[tuple[str, object]
     return result
 
 
+def run_name(variant: str) -> str:
+    """A directory name for a variant that does not depend on its position in the sweep."""
+    return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in variant)
+
+
 def cmd_sweep(args, extra: list[str]) -> int:
     from .cli import split_overrides  # noqa: PLC0415
 
@@ -59,7 +64,7 @@ def cmd_sweep(args, extra: list[str]) -> int:
     for idx, (name, cfg) in enumerate(todo):
         for i in range(args.seeds):
             c = apply_overrides(copy.deepcopy(cfg), [f"--train.seed={base.train.seed + i}"])
-            run_dir = out / "runs" / f"v{idx:02d}-s{c.train.seed}"
+            run_dir = out / "runs" / f"{run_name(name)}-s{c.train.seed}"
             log(f"== [{idx + 1}/{len(todo)}] {name} seed {c.train.seed} -> {run_dir}")
             summary = run_one(c, run_dir, log)
             summary["stats"] = run_stats(run_dir)
