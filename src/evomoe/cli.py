@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: idle OpenMP threads sleep instead of spinning. On a shared CPU, spinning
+# threads made each small op of the MoE layer cost milliseconds (docs/performance.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

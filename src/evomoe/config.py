@@ -96,7 +96,7 @@ class RouterConfig:
 @dataclass
 class MoEConfig:
     num_experts: int = 8
-    experts_impl: str = "auto"  # auto | loop | grouped | padded
+    experts_impl: str = "auto"  # auto | loop | grouped | padded | fused | fused_grouped
     enabled: bool = True  # false: the dense baseline (every block a dense FFN of width d_ff)
 
 
@@ -355,7 +355,7 @@ def validate(cfg: Config) -> None:
     _choice("model.activation", m.activation, ["gelu", "relu", "swiglu"])
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(cfg.moe.num_experts >= 1, "moe.num_experts", cfg.moe.num_experts, "must be >= 1")
-    _choice("moe.experts_impl", cfg.moe.experts_impl, ["auto", "loop", "grouped", "padded"])
+    _choice("moe.experts_impl", cfg.moe.experts_impl, ["auto", "loop", "grouped", "padded", "fused", "fused_grouped"])
     _check(
         m.moe_every <= m.n_layers,
         "model.moe_every",

@@ -1,6 +1,17 @@
 """E feed-forward experts stored as 3-D weights, computed on rows grouped by expert.
 
 Legend: P rows grouped by expert, E experts, D model width, F expert hidden width, H = F (or 2F for swiglu).
+
+Implementations (``impl``; every one is tested against ``loop``, the reference):
+- ``loop``: per-expert matmuls through autograd (``grouped_mm_loop``): the reference;
+- ``grouped``: ``torch._grouped_mm`` (CUDA sm90+ in bf16; CPU in fp32/bf16 with 16-byte aligned rows);
+- ``padded``: every expert padded to the largest count, one ``bmm``;
+- ``fused``: the whole FFN as one autograd function writing into preallocated slices (``expert_ffn_fused``);
+- ``fused_grouped``: the same function on ``torch._grouped_mm`` (``expert_ffn_grouped``).
+``auto`` picks by device and size, measured in docs/performance.md: on CPU ``fused`` (it allocates the
+least, and fresh memory is what costs most there), or ``fused_grouped`` in bf16 and when experts get few
+rows (the Python loop's overhead dominates); on CUDA ``grouped`` where supported (no host sync), else
+``loop``.
 """
 
 from __future__ import annotations
@@ -11,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.expert_ffn import expert_ffn_fused, expert_ffn_grouped
 from ..ops.grouped_mm import grouped_mm_fast, grouped_mm_loop, grouped_mm_padded, grouped_mm_supported
 
-IMPLS = ("auto", "loop", "grouped", "padded")
+IMPLS = ("auto", "loop", "grouped", "padded", "fused", "fused_grouped")
+# below this many rows per expert (on average) the per-expert Python loop of ``fused`` costs more than
+# ``fused_grouped``'s extra memory (measured: GPT d_model 128, 256 rows/expert; layer bench, 64 rows/expert)
+SMALL_ROWS_PER_EXPERT = 512
 
 
 def activate(h_PH: torch.Tensor, activation: str) -> torch.Tensor:
@@ -59,20 +74,33 @@ class Experts(nn.Module):
         nn.init.normal_(self.w1_EDH, std=std_in)
         nn.init.normal_(self.w2_EFD, std=std_out)
 
-    def choose_impl(self, x_PD: torch.Tensor) -> str:
+    def choose_impl(
+        self, x_PD: torch.Tensor, w1_EDH: torch.Tensor | None = None, w2_EFD: torch.Tensor | None = None
+    ) -> str:
+        """``w1_EDH``/``w2_EFD``: the weights as computed (cast to the activations' dtype); default: own."""
         if self.impl != "auto":
             return self.impl
-        ok = grouped_mm_supported(x_PD, self.w1_EDH) and grouped_mm_supported(
-            x_PD.new_empty(0, self.d_ff), self.w2_EFD
-        )
+        w1 = self.w1_EDH if w1_EDH is None else w1_EDH
+        w2 = self.w2_EFD if w2_EFD is None else w2_EFD
+        ok = grouped_mm_supported(x_PD, w1) and grouped_mm_supported(x_PD.new_empty(0, self.d_ff), w2)
+        if x_PD.device.type == "cpu":
+            small = x_PD.shape[0] < SMALL_ROWS_PER_EXPERT * self.num_experts
+            return "fused_grouped" if ok and (small or x_PD.dtype != torch.float32) else "fused"
         return "grouped" if ok else "loop"
 
     def forward(self, x_PD: torch.Tensor, counts_E: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         """x_PD rows grouped by expert (counts_E[e] rows for expert e, in order) -> y_PD."""
-        impl = impl or self.choose_impl(x_PD)
+        device = x_PD.device.type
+        if torch.is_autocast_enabled(device):  # the grouped kernel is no autocast op: compute in its dtype
+            x_PD = x_PD.to(torch.get_autocast_dtype(device))
         w1, w2 = self.w1_EDH, self.w2_EFD
         if x_PD.dtype != w1.dtype:  # autocast does not cover the grouped kernels: cast explicitly
             w1, w2 = w1.to(x_PD.dtype), w2.to(x_PD.dtype)
+        impl = impl or self.choose_impl(x_PD, w1, w2)
+        if impl == "fused":
+            return expert_ffn_fused(x_PD, w1, w2, counts_E, self.activation)
+        if impl == "fused_grouped":
+            return expert_ffn_grouped(x_PD, w1, w2, counts_E, self.activation)
         mm = {"loop": grouped_mm_loop, "grouped": grouped_mm_fast, "padded": grouped_mm_padded}[impl]
         h_PH = mm(x_PD, w1, counts_E)
         return mm(activate(h_PH, self.activation), w2, counts_E)

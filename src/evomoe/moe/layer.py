@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.permute import count_per_bin
 from .dispatcher import LocalDispatcher
 from .experts import Experts, activate
 from .losses import entropy_T
 from .routing import Router, RouterContext, Routing
+
 
 @dataclass
 class LayerStats:
@@ -30,14 +32,17 @@ class LayerStats:
 def routing_stats(routing: Routing, counts_E: torch.Tensor, num_tokens: int, valid_T=None) -> LayerStats:
     tokens = torch.tensor(num_tokens) if valid_T is None else valid_T.sum()
     pairs = counts_E.sum()
-    per_token = torch.bincount(routing.token_idx_P, minlength=num_tokens)
+    if routing.fixed_k is not None and num_tokens:
+        max_k = torch.full((), routing.fixed_k, dtype=torch.long, device=counts_E.device)
+    else:
+        max_k = count_per_bin(routing.token_idx_P, num_tokens).max()
     if routing.probs_TE is not None:
         ent_T = entropy_T(routing.probs_TE)
         entropy = ent_T.mean() if valid_T is None else (ent_T * valid_T).sum() / tokens.clamp_min(1)
     else:
         entropy = torch.zeros(())
     dropped = routing.dropped if routing.dropped is not None else torch.zeros((), dtype=torch.long)
-    return LayerStats(tokens, pairs, dropped, per_token.max(), counts_E.detach(), entropy.detach())
+    return LayerStats(tokens, pairs, dropped, max_k, counts_E.detach(), entropy.detach())
 
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str, impl: str = "auto", n_layers: int = 1) -> None:
@@ -65,7 +70,8 @@ class MoELayer(nn.Module):
         x_PD, counts_E, state = self.dispatcher.dispatch(x_TD, routing, self.num_experts)
         y_PD = self.experts(x_PD, counts_E)
         out_TD = self.dispatcher.combine(y_PD, state)
-        stats = routing_stats(routing, counts_E, B * S, ctx.valid_T)
+        real_counts_E = getattr(state, "counts_E", None)  # the experts' counts may include padding rows
+        stats = routing_stats(routing, counts_E if real_counts_E is None else real_counts_E, B * S, ctx.valid_T)
         return out_TD.view(B, S, D), routing, stats
 
     def forward_dense(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def _empty_mm(x_PK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+    """The [0, N] result of zero rows, still connected to both operands (their gradients are zeros)."""
+    return x_PK @ w_EKN[0]
+
+
 def grouped_mm_loop(x_PK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Reference: one matmul per non-empty expert (one host sync for the counts)."""
     outs = []
@@ -53,6 +58,8 @@ def grouped_mm_supported(x_PK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
 
 def grouped_mm_fast(x_PK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """``torch._grouped_mm`` with int32 offsets computed on the device (no host sync)."""
+    if x_PK.shape[0] == 0:  # the kernel rejects an empty operand
+        return _empty_mm(x_PK, w_EKN)
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     y_PN = torch._grouped_mm(x_PK.contiguous(), w_EKN, offs=offs_E)
     return _ContiguousGrad.apply(y_PN)
@@ -65,7 +72,9 @@ def grouped_mm_padded(x_PK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.T
     """
     E = counts_E.shape[0]
     P = x_PK.shape[0]
-    cap = int(counts_E.max()) if P else 0
+    if P == 0:
+        return _empty_mm(x_PK, w_EKN)
+    cap = int(counts_E.max())
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     expert_P = torch.repeat_interleave(torch.arange(E, device=x_PK.device), counts_E, output_size=P)
     slot_P = torch.arange(P, device=x_PK.device) - starts_E[expert_P]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from ...config import RouterConfig
 from ...registry import ROUTERS
 from ..losses import load_balance_loss
-from ..routing import Router, RouterContext, Routing, pairs_from_mask
-from .gate import LinearGate, resolve_init, gumbel_like
+from ..routing import Router, RouterContext, Routing, pairs_from_mask, pairs_from_topk
+from .gate import LinearGate, gumbel_like, resolve_init
 
 
 @ROUTERS.register("dts")
@@ -48,6 +48,13 @@ class DTSRouter(Router):
             sel_TE = sel_TE & ctx.valid_T.unsqueeze(1)
         combine_TE = y_TE if (self.training and self.cfg.combine == "noisy") else p_TE
         w_TE = combine_TE * sel_TE
-        token_P, expert_P, weight_P = pairs_from_mask(sel_TE, w_TE)
+        fixed_k = None
+        if (ctx.gate.hard or not self.training) and ctx.valid_T is None:
+            # exactly one expert per token: the same pairs without a nonzero (a host sync), fixed k = 1
+            expert_T1 = sel_TE.to(torch.uint8).argmax(-1, keepdim=True)
+            token_P, expert_P, weight_P = pairs_from_topk(expert_T1, w_TE.gather(1, expert_T1))
+            fixed_k = 1
+        else:
+            token_P, expert_P, weight_P = pairs_from_mask(sel_TE, w_TE)
         aux = {"balance": load_balance_loss(w_TE, sel_TE, ctx.valid_T)}
-        return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach())
+        return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), fixed_k=fixed_k)

@@ -1,7 +1,7 @@
 """Top-k routers: Switch (k=1) and GShard (k=2), with optional capacity and token dropping.
 
-Capacity C = ceil(k * capacity_factor * T / E) pairs per expert (capacity_factor 0: dropless). Pairs past
-capacity are dropped in priority order: all first choices (in token order) before any second choice.
+Capacity C = k * ceil(capacity_factor * T / E) pairs per expert (Switch: ceil(cf*T/E), GShard: 2*ceil(T/E);
+capacity_factor 0: dropless). Pairs past capacity are dropped in priority order: all first choices (in token order) before any second choice.
 A dropped pair contributes nothing; the block's residual carries the token. Legend: T, E, K = k, P pairs.
 """
 
@@ -16,7 +16,7 @@ from ...config import RouterConfig
 from ...registry import ROUTERS
 from ..losses import load_balance_loss, router_z_loss
 from ..routing import Router, RouterContext, Routing, pairs_from_topk
-from .gate import LinearGate, resolve_init, gumbel_like
+from .gate import LinearGate, gumbel_like, resolve_init
 
 
 def capacity_keep(expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -29,9 +29,9 @@ def capacity_keep(expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: i
 
 
 def second_choice(z_TE: torch.Tensor, p_TE: torch.Tensor, first_T: torch.Tensor, policy: str, training: bool):
-    """GShard's second expert and whether to keep it."""
+    """GShard's second expert and whether to keep it (None: kept for every token)."""
     first_mask = F.one_hot(first_T, z_TE.shape[1]).bool()
-    keep_T = torch.ones_like(first_T, dtype=torch.bool)
+    keep_T = None  # every second choice kept
     if policy == "sampling" and training:
         second_T = (z_TE + gumbel_like(z_TE)).masked_fill(first_mask, float("-inf")).argmax(-1)
     else:
@@ -52,17 +52,17 @@ class TopKRouter(Router):
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}
 
-    def choose(self, z_TE: torch.Tensor, p_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, K] experts and which of them are kept before capacity."""
+    def choose(self, z_TE: torch.Tensor, p_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[T, K] experts and which of them are kept before capacity (None: all of them)."""
         k = self.cfg.k
         if k == 2:
             first_T = p_TE.argmax(-1)
             second_T, keep2_T = second_choice(z_TE, p_TE, first_T, self.cfg.second_policy, self.training)
             expert_TK = torch.stack([first_T, second_T], 1)
-            keep_TK = torch.stack([torch.ones_like(keep2_T), keep2_T], 1)
-            return expert_TK, keep_TK
-        expert_TK = p_TE.topk(k, dim=-1).indices
-        return expert_TK, torch.ones_like(expert_TK, dtype=torch.bool)
+            if keep2_T is None:
+                return expert_TK, None
+            return expert_TK, torch.stack([torch.ones_like(keep2_T), keep2_T], 1)
+        return p_TE.topk(k, dim=-1).indices, None
 
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         z_TE = self.gate(x_TD)
@@ -73,14 +73,22 @@ class TopKRouter(Router):
         if self.cfg.k > 1 and self.cfg.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-9)
         if ctx.valid_T is not None:
-            keep_TK = keep_TK & ctx.valid_T.unsqueeze(1)
-        wanted = keep_TK.sum()
+            valid_TK = ctx.valid_T.unsqueeze(1).expand_as(expert_TK)
+            keep_TK = valid_TK if keep_TK is None else keep_TK & valid_TK
         if self.cfg.capacity_factor > 0:
+            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool) if keep_TK is None else keep_TK
+            wanted = keep_TK.sum()
             n_valid = T if ctx.valid_T is None else int(ctx.valid_T.sum())
-            capacity = math.ceil(self.cfg.k * self.cfg.capacity_factor * n_valid / E)
+            capacity = self.cfg.k * math.ceil(self.cfg.capacity_factor * n_valid / E)
             keep_TK = capacity_keep(expert_TK, keep_TK, E, capacity)
+            dropped = wanted - keep_TK.sum()
+        else:
+            dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
+        # every token keeps its k choices: no mask, no host sync, and the dispatcher's fixed-k fold
         token_P, expert_P, weight_P = pairs_from_topk(expert_TK, weight_TK, keep_TK)
         first_TE = F.one_hot(expert_TK[:, 0], E)
         aux = {"balance": load_balance_loss(p_TE, first_TE, ctx.valid_T), "z": router_z_loss(z_TE, ctx.valid_T)}
-        dropped = wanted - keep_TK.sum()
-        return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), dropped=dropped)
+        fixed_k = self.cfg.k if keep_TK is None else None
+        return Routing(
+            token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), dropped=dropped, fixed_k=fixed_k
+        )
