@@ -198,7 +198,10 @@ class Trainer:
         self.par.sync_grads(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        pre_clip_norms = torch._foreach_norm([p.grad for p in params]) if params else []
+        # per-parameter norms before clipping (which spreads a NaN to every gradient), to name the layer;
+        # FSDP holds DTensor gradients: their local shards are enough for that
+        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        pre_clip_norms = torch._foreach_norm(local) if local else []
         grad_norm = self.par.clip_grad_norm(self.model, params, clip)
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
         flops = self.step_flops(out.stats, x.numel())
