@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_dict, to_toml
+from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_dict
 from .parallel.env import world_info
 
 # fields that may change when a run is resumed; everything else must match the saved config
@@ -109,7 +109,11 @@ def cmd_train(args, extra: list[str]) -> int:
     saved_cfg_path = out / "config.toml"
     if args.resume and saved_cfg_path.is_file():
         saved = load_config(str(saved_cfg_path))
-        cfg = load_config(args.config or str(saved_cfg_path), overrides) if (args.config or overrides) else saved
+        cfg = (
+            load_config(args.config or str(saved_cfg_path), overrides)
+            if (args.config or overrides)
+            else saved
+        )
         check_resume_compatible(saved, cfg)
     else:
         cfg = load_config(args.config or "default", overrides)
@@ -194,7 +198,9 @@ def cmd_eval(args, extra: list[str]) -> int:
     if world_info(os.environ).distributed:
         raise CLIError("evomoe eval runs in one process (a checkpoint holds all experts): without torchrun")
     cfg.parallel.ep = 1  # a checkpoint written with expert parallelism holds every expert by global id
-    trainer = Trainer(cfg, path.parent.parent, env=os.environ, log=lambda s: print(s, file=sys.stderr), progress=False)
+    trainer = Trainer(
+        cfg, path.parent.parent, env=os.environ, log=lambda s: print(s, file=sys.stderr), progress=False
+    )
     trainer.restore(path, truncate_logs=False)
     result = trainer.evaluate()
     print(json.dumps(result, indent=1))
@@ -207,10 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model; extra --section.field=value flags override the config")
     t.add_argument("config", nargs="?", help="a TOML file or a preset name (tiny, default, small)")
     t.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, report)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest good checkpoint"
+    )
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's latest) on the validation split")
+    e = sub.add_parser(
+        "eval", help="evaluate a checkpoint (or a run directory's latest) on the validation split"
+    )
     e.add_argument("checkpoint")
     from .compare import add_compare_parser  # noqa: PLC0415
     from .sweep import add_sweep_parser  # noqa: PLC0415

@@ -25,12 +25,19 @@ from .train.metrics import read_jsonl
 METHODS: dict[str, list[str]] = {
     "dts": ["router.name=dts"],
     "switch": [
-        "router.name=topk", "router.topk.k=1", "router.topk.capacity_factor=2.0",
-        "router.topk.aux_weight=0.01", "evolve.diversify_steps=0",
+        "router.name=topk",
+        "router.topk.k=1",
+        "router.topk.capacity_factor=2.0",
+        "router.topk.aux_weight=0.01",
+        "evolve.diversify_steps=0",
     ],
     "gshard": [
-        "router.name=topk", "router.topk.k=2", "router.topk.capacity_factor=1.0",
-        'router.topk.second_policy="random"', "router.topk.aux_weight=0.01", "evolve.diversify_steps=0",
+        "router.name=topk",
+        "router.topk.k=2",
+        "router.topk.capacity_factor=1.0",
+        'router.topk.second_policy="random"',
+        "router.topk.aux_weight=0.01",
+        "evolve.diversify_steps=0",
     ],
     "base": ["router.name=base", "evolve.diversify_steps=0"],
     "hash": ["router.name=hash", "evolve.diversify_steps=0"],
@@ -125,8 +132,12 @@ def aggregate(runs: dict[str, list[dict]], target_method: str = "switch") -> dic
             "experts_per_token": statistics.fmean(r["stats"]["experts_per_token"] for r in rs),
             "dropped_fraction": statistics.fmean(r["stats"]["dropped_fraction"] for r in rs),
             "reached": f"{len(reached)}/{len(rs)}",
-            "steps_to_target": statistics.fmean(x[0] for x in reached) if len(reached) == len(rs) and rs else None,
-            "flops_to_target": statistics.fmean(x[1] for x in reached) if len(reached) == len(rs) and rs else None,
+            "steps_to_target": statistics.fmean(x[0] for x in reached)
+            if len(reached) == len(rs) and rs
+            else None,
+            "flops_to_target": statistics.fmean(x[1] for x in reached)
+            if len(reached) == len(rs) and rs
+            else None,
         }
     return {"target_method": target_method, "target_val_loss": target, "methods": table}
 
@@ -155,7 +166,12 @@ def write_markdown(summary: dict, out: Path, command: str) -> Path:
             f"| {r['tokens_per_s']:,.0f} | {r['experts_per_token']:.2f} | {r['dropped_fraction']:.3f} "
             f"| {_fmt(r['steps_to_target'], '.0f')} ({r['reached']}) | {_fmt(r['flops_to_target'], '.3g')} |"
         )
-    lines += ["", "![validation loss vs step](val_loss_vs_step.png)", "", "![validation loss vs FLOPs](val_loss_vs_flops.png)"]
+    lines += [
+        "",
+        "![validation loss vs step](val_loss_vs_step.png)",
+        "",
+        "![validation loss vs FLOPs](val_loss_vs_flops.png)",
+    ]
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -167,7 +183,10 @@ def plot_curves(runs: dict[str, list[dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    for key, label, fname in (("step", "step", "val_loss_vs_step.png"), ("flops", "training FLOPs executed", "val_loss_vs_flops.png")):
+    for key, label, fname in (
+        ("step", "step", "val_loss_vs_step.png"),
+        ("flops", "training FLOPs executed", "val_loss_vs_flops.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for method, rs in runs.items():
             curves = [r["stats"]["evals"] for r in rs]
@@ -223,7 +242,9 @@ def cmd_compare(args, extra: list[str]) -> int:
 
 
 def add_compare_parser(sub) -> None:
-    c = sub.add_parser("compare", help="train EvoMoE and the baselines with the same budget; write compare.md")
+    c = sub.add_parser(
+        "compare", help="train EvoMoE and the baselines with the same budget; write compare.md"
+    )
     c.add_argument("config", nargs="?", help="a TOML file or a preset name (default: default)")
     c.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
     c.add_argument("--seeds", type=int, default=1, help="seeds per method (train.seed, train.seed+1, ...)")

@@ -351,11 +351,17 @@ def validate(cfg: Config) -> None:
     for name in ("d_model", "n_layers", "n_heads", "seq_len", "d_ff", "moe_every"):
         _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
     _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0 (0: from the tokenizer)")
-    _check(m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"must be divisible by n_heads={m.n_heads}")
+    _check(
+        m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"must be divisible by n_heads={m.n_heads}"
+    )
     _choice("model.activation", m.activation, ["gelu", "relu", "swiglu"])
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(cfg.moe.num_experts >= 1, "moe.num_experts", cfg.moe.num_experts, "must be >= 1")
-    _choice("moe.experts_impl", cfg.moe.experts_impl, ["auto", "loop", "grouped", "padded", "fused", "fused_grouped"])
+    _choice(
+        "moe.experts_impl",
+        cfg.moe.experts_impl,
+        ["auto", "loop", "grouped", "padded", "fused", "fused_grouped"],
+    )
     _check(
         m.moe_every <= m.n_layers,
         "model.moe_every",
@@ -367,14 +373,31 @@ def validate(cfg: Config) -> None:
     dts, tk = cfg.router.dts, cfg.router.topk
     _check(0.0 <= dts.threshold < 1.0, "router.dts.threshold", dts.threshold, "must be in [0, 1)")
     _choice("router.dts.combine", dts.combine, ["clean", "noisy"])
-    _check(1 <= tk.k <= cfg.moe.num_experts, "router.topk.k", tk.k, f"must be in [1, num_experts={cfg.moe.num_experts}]")
-    _check(tk.capacity_factor >= 0.0, "router.topk.capacity_factor", tk.capacity_factor, "must be >= 0 (0: dropless)")
+    _check(
+        1 <= tk.k <= cfg.moe.num_experts,
+        "router.topk.k",
+        tk.k,
+        f"must be in [1, num_experts={cfg.moe.num_experts}]",
+    )
+    _check(
+        tk.capacity_factor >= 0.0,
+        "router.topk.capacity_factor",
+        tk.capacity_factor,
+        "must be >= 0 (0: dropless)",
+    )
     _choice("router.topk.second_policy", tk.second_policy, ["all", "sampling", "random"])
     _choice("router.hash.mode", cfg.router.hash.mode, ["balanced", "random"])
     sm = cfg.router.stablemoe
-    _check(0.0 < sm.stage1_fraction < 1.0, "router.stablemoe.stage1_fraction", sm.stage1_fraction, "must be in (0, 1)")
+    _check(
+        0.0 < sm.stage1_fraction < 1.0,
+        "router.stablemoe.stage1_fraction",
+        sm.stage1_fraction,
+        "must be in (0, 1)",
+    )
     _check(sm.embed_dim >= 1, "router.stablemoe.embed_dim", sm.embed_dim, "must be >= 1")
-    _check(cfg.router.base.auction_iters >= 1, "router.base.auction_iters", cfg.router.base.auction_iters, ">= 1")
+    _check(
+        cfg.router.base.auction_iters >= 1, "router.base.auction_iters", cfg.router.base.auction_iters, ">= 1"
+    )
     finite_nonneg = {
         "router.dts.balance_weight": dts.balance_weight,
         "router.topk.aux_weight": tk.aux_weight,
@@ -404,7 +427,12 @@ def validate(cfg: Config) -> None:
     _check(g.tau_max > 0 and math.isfinite(g.tau_max), "gate.tau_max", g.tau_max, "must be > 0")
     _check(0 < g.tau_min <= g.tau_max, "gate.tau_min", g.tau_min, f"must be in (0, tau_max={g.tau_max}]")
     _choice("gate.decay", g.decay, ["linear", "exponential", "cosine"])
-    _check(g.decay_steps >= 1, "gate.decay_steps", g.decay_steps, "must be >= 1 (the reference code's 1 is a bug)")
+    _check(
+        g.decay_steps >= 1,
+        "gate.decay_steps",
+        g.decay_steps,
+        "must be >= 1 (the reference code's 1 is a bug)",
+    )
     _check(g.hard_after >= 0, "gate.hard_after", g.hard_after, "must be >= 0")
 
     _check(bool(d.corpus), "data.corpus", d.corpus, "must be 'stdlib' or a path")
@@ -413,7 +441,15 @@ def validate(cfg: Config) -> None:
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0: no limit)")
 
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
+    for name in (
+        "steps",
+        "batch_size",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "ckpt_every",
+        "keep_checkpoints",
+    ):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "must be >= 1")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be > 0")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")

@@ -100,7 +100,9 @@ class Schedules:
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Schedules:
-        return cls(LRSchedule(**d["lr"]), PhasePlan(**d["phases"]), TemperatureSchedule(**d["tau"]), d["stage2_step"])
+        return cls(
+            LRSchedule(**d["lr"]), PhasePlan(**d["phases"]), TemperatureSchedule(**d["tau"]), d["stage2_step"]
+        )
 
 
 def build_schedules(cfg) -> Schedules:

@@ -84,7 +84,9 @@ def cmd_sweep(args, extra: list[str]) -> int:
             ),
         }
     command = "evomoe sweep " + " ".join(sys.argv[2:])
-    (out / "sweep.json").write_text(json.dumps({"command": command, "base_val_loss": target, "variants": table}, indent=1))
+    (out / "sweep.json").write_text(
+        json.dumps({"command": command, "base_val_loss": target, "variants": table}, indent=1)
+    )
     lines = [
         "# evomoe sweep",
         "",

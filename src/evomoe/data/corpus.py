@@ -281,7 +281,9 @@ def read_corpus(cfg: DataConfig, listing: CorpusListing | None = None) -> Corpus
         train_text, n1 = decode_counting(data[:cut])
         val_text, n2 = decode_counting(data[cut:])
         bad = (rel,) if n1 + n2 else ()
-        return CorpusText(train_text, val_text, 1, 1, n1 + n2, n_binary, listing.fingerprint, (rel,), (rel,), bad)
+        return CorpusText(
+            train_text, val_text, 1, 1, n1 + n2, n_binary, listing.fingerprint, (rel,), (rel,), bad
+        )
     train_rels, val_rels = split_names(sorted(texts), cfg.val_fraction)
     decoded: dict[str, str] = {}
     replaced_files = []

@@ -109,4 +109,6 @@ class Experts(nn.Module):
         return self.forward(x_PD, counts_E, impl="loop")
 
     def extra_repr(self) -> str:
-        return f"E={self.num_experts}, D={self.d_model}, F={self.d_ff}, act={self.activation}, impl={self.impl}"
+        return (
+            f"E={self.num_experts}, D={self.d_model}, F={self.d_ff}, act={self.activation}, impl={self.impl}"
+        )

@@ -29,6 +29,7 @@ class LayerStats:
     counts_E: torch.Tensor  # pairs per expert
     entropy: torch.Tensor  # mean routing entropy (nats); 0 for the dense phase
 
+
 def routing_stats(routing: Routing, counts_E: torch.Tensor, num_tokens: int, valid_T=None) -> LayerStats:
     tokens = torch.tensor(num_tokens) if valid_T is None else valid_T.sum()
     pairs = counts_E.sum()
@@ -44,10 +45,19 @@ def routing_stats(routing: Routing, counts_E: torch.Tensor, num_tokens: int, val
     dropped = routing.dropped if routing.dropped is not None else torch.zeros((), dtype=torch.long)
     return LayerStats(tokens, pairs, dropped, max_k, counts_E.detach(), entropy.detach())
 
+
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, activation: str, impl: str = "auto", n_layers: int = 1) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str, impl: str = "auto", n_layers: int = 1
+    ) -> None:
         super().__init__()
-        self.d_model, self.d_ff, self.activation, self.impl, self.n_layers = d_model, d_ff, activation, impl, n_layers
+        self.d_model, self.d_ff, self.activation, self.impl, self.n_layers = (
+            d_model,
+            d_ff,
+            activation,
+            impl,
+            n_layers,
+        )
         self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers)
         self.router: Router | None = None
         self.dispatcher = LocalDispatcher()
@@ -61,7 +71,9 @@ class MoELayer(nn.Module):
     def spawned(self) -> bool:
         return self.router is not None
 
-    def forward(self, x_BSD: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, Routing | None, LayerStats]:
+    def forward(
+        self, x_BSD: torch.Tensor, ctx: RouterContext
+    ) -> tuple[torch.Tensor, Routing | None, LayerStats]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         if self.router is None:
@@ -71,7 +83,9 @@ class MoELayer(nn.Module):
         y_PD = self.experts(x_PD, counts_E)
         out_TD = self.dispatcher.combine(y_PD, state)
         real_counts_E = getattr(state, "counts_E", None)  # the experts' counts may include padding rows
-        stats = routing_stats(routing, counts_E if real_counts_E is None else real_counts_E, B * S, ctx.valid_T)
+        stats = routing_stats(
+            routing, counts_E if real_counts_E is None else real_counts_E, B * S, ctx.valid_T
+        )
         return out_TD.view(B, S, D), routing, stats
 
     def forward_dense(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -83,4 +97,6 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         tokens = torch.tensor(T) if ctx.valid_T is None else ctx.valid_T.sum()
         one = torch.ones((), dtype=torch.long)
-        return LayerStats(tokens, tokens.clone(), torch.zeros((), dtype=torch.long), one, tokens.view(1), torch.zeros(()))
+        return LayerStats(
+            tokens, tokens.clone(), torch.zeros((), dtype=torch.long), one, tokens.view(1), torch.zeros(())
+        )

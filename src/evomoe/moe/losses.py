@@ -23,7 +23,12 @@ def load_balance_loss(prob_TE: torch.Tensor, assign_TE: torch.Tensor, valid_T=No
     DTS: prob = combine weights w, assign = the selection mask (equals E while every expert is selected).
     """
     E = prob_TE.shape[1]
-    return E * (masked_mean_T(prob_TE, valid_T) * masked_mean_T(assign_TE.detach().to(prob_TE.dtype), valid_T)).sum()
+    return (
+        E
+        * (
+            masked_mean_T(prob_TE, valid_T) * masked_mean_T(assign_TE.detach().to(prob_TE.dtype), valid_T)
+        ).sum()
+    )
 
 
 def router_z_loss(logits_TE: torch.Tensor, valid_T=None) -> torch.Tensor:

@@ -200,7 +200,9 @@ def gather_rows_reference(x_TD: torch.Tensor, token_idx_P: torch.Tensor) -> torc
     return torch.stack(rows) if rows else x_TD.new_zeros(0, x_TD.shape[1])
 
 
-def scatter_add_rows_reference(y_PD: torch.Tensor, token_idx_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def scatter_add_rows_reference(
+    y_PD: torch.Tensor, token_idx_P: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     out = [y_PD.new_zeros(y_PD.shape[1]) for _ in range(num_tokens)]
     for p, t in enumerate(token_idx_P.tolist()):
         out[t] = out[t] + y_PD[p]

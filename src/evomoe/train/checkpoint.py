@@ -90,7 +90,9 @@ def save_checkpoint(
     named = weights.items() if weights is not None else model.named_parameters()
     for name, p in named:
         if not torch.isfinite(p).all():
-            raise CheckpointError(f"refusing to write a checkpoint with non-finite weights ({name}) at step {step}")
+            raise CheckpointError(
+                f"refusing to write a checkpoint with non-finite weights ({name}) at step {step}"
+            )
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"

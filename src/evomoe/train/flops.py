@@ -24,7 +24,9 @@ def dense_token_flops(cfg: ModelConfig, seq_len: int) -> float:
     return proj + scores + head
 
 
-def training_flops(cfg: ModelConfig, tokens: int, seq_len: int, ffn_pairs: float, router_tokens: float, E: int):
+def training_flops(
+    cfg: ModelConfig, tokens: int, seq_len: int, ffn_pairs: float, router_tokens: float, E: int
+):
     """Training FLOPs of one step: ``ffn_pairs`` counts every FFN row computed (dense blocks: one per token),
     ``router_tokens`` the tokens routed summed over spawned MoE layers."""
     forward = tokens * dense_token_flops(cfg, seq_len) + ffn_pairs * expert_pair_flops(cfg)

@@ -49,7 +49,9 @@ class IntervalStats:
         self.tokens = self.tokens + sum(s.tokens.float() for s in stats) / n
         self.pairs = self.pairs + sum(s.pairs.float() for s in stats) / n
         self.dropped = self.dropped + sum(s.dropped.float() for s in stats) / n
-        self.max_k = torch.maximum(torch.as_tensor(self.max_k), max(s.max_experts_per_token.float() for s in stats))
+        self.max_k = torch.maximum(
+            torch.as_tensor(self.max_k), max(s.max_experts_per_token.float() for s in stats)
+        )
         self.entropy = self.entropy + sum(s.entropy.float() for s in stats) / n
         counts = [s.counts_E.float() for s in stats]
         if self.counts is None or any(a.shape != b.shape for a, b in zip(self.counts, counts)):

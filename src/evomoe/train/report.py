@@ -33,7 +33,10 @@ def _save(fig, path: Path) -> str:
 
 def plot_loss(rows, evals, out: Path) -> list[str]:
     names = []
-    for x_key, label, fname in (("step", "step", "loss_vs_step.png"), ("flops", "training FLOPs executed", "loss_vs_flops.png")):
+    for x_key, label, fname in (
+        ("step", "step", "loss_vs_step.png"),
+        ("flops", "training FLOPs executed", "loss_vs_flops.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4))
         if x_key == "step":
             _shade_phases(ax, rows)
@@ -88,7 +91,9 @@ def write_report(out: Path, summary: dict) -> Path:
     lines.append("")
     if rows:
         images = plot_loss(rows, evals, out)
-        images.append(plot_series(rows, "experts_per_token", "experts per token", out, "experts_per_token.png"))
+        images.append(
+            plot_series(rows, "experts_per_token", "experts per token", out, "experts_per_token.png")
+        )
         images.append(plot_series(rows, "temperature", "gate temperature", out, "temperature.png"))
         heat = plot_expert_load(rows, out)
         if heat:
@@ -96,7 +101,10 @@ def write_report(out: Path, summary: dict) -> Path:
         lines += [f"![{Path(n).stem}]({n})" for n in images]
         lines.append("")
     if evals:
-        lines += ["| step | phase | val loss | val ppl | bits/byte | experts/token |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| step | phase | val loss | val ppl | bits/byte | experts/token |",
+            "|---|---|---|---|---|---|",
+        ]
         for e in evals:
             lines.append(
                 f"| {e['step']} | {e['phase']} | {e['val_loss']:.4f} | {e['val_ppl']:.2f} | {e['val_bpb']:.4f} "

@@ -239,7 +239,9 @@ class Trainer:
         moe_pairs = sum(float(s.pairs) for s in stats)
         n_dense = cfg.n_layers - len(stats)
         routed = sum(float(s.tokens) for s in stats) if self.model.spawned else 0.0
-        return training_flops(cfg, tokens, cfg.seq_len, moe_pairs + n_dense * tokens, routed, self.cfg.moe.num_experts)
+        return training_flops(
+            cfg, tokens, cfg.seq_len, moe_pairs + n_dense * tokens, routed, self.cfg.moe.num_experts
+        )
 
     # ------------------------------------------------------------------------------------------ eval
     @torch.no_grad()

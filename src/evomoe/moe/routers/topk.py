@@ -19,7 +19,9 @@ from ..routing import Router, RouterContext, Routing, pairs_from_topk
 from .gate import LinearGate, gumbel_like, resolve_init
 
 
-def capacity_keep(expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def capacity_keep(
+    expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
     """Which pairs fit: position of each pair in its expert's queue, choice-rank major, token order minor."""
     T, K = expert_TK.shape
     onehot_KTE = F.one_hot(expert_TK.t(), num_experts) * keep_TK.t().unsqueeze(-1)
@@ -87,7 +89,10 @@ class TopKRouter(Router):
         # every token keeps its k choices: no mask, no host sync, and the dispatcher's fixed-k fold
         token_P, expert_P, weight_P = pairs_from_topk(expert_TK, weight_TK, keep_TK)
         first_TE = F.one_hot(expert_TK[:, 0], E)
-        aux = {"balance": load_balance_loss(p_TE, first_TE, ctx.valid_T), "z": router_z_loss(z_TE, ctx.valid_T)}
+        aux = {
+            "balance": load_balance_loss(p_TE, first_TE, ctx.valid_T),
+            "z": router_z_loss(z_TE, ctx.valid_T),
+        }
         fixed_k = self.cfg.k if keep_TK is None else None
         return Routing(
             token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), dropped=dropped, fixed_k=fixed_k
