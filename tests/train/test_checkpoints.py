@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from short_run import short_overrides
 from torch import nn
 
 from evomoe.train import checkpoint as ckpt
@@ -163,19 +164,7 @@ def test_a_run_that_starts_over_keeps_its_new_checkpoints(cli, copy_run, tiny_ar
 # a full disk
 
 
-SHORT = [
-    "tiny",
-    "--no-progress",
-    "--train.steps=12",
-    "--evolve.diversify_steps=4",
-    "--gate.decay_steps=4",
-    "--gate.hard_after=4",
-    "--train.threads=1",
-    "--train.eval_every=6",
-    "--train.ckpt_every=4",
-    "--train.eval_batches=1",
-    "--train.log_every=2",
-]
+SHORT = ["tiny", "--no-progress", *short_overrides(eval_every=6, ckpt_every=4, log_every=2)]
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
 
 

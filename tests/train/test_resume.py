@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from short_run import short_overrides
 
 from evomoe.config import load_config
 from evomoe.train.metrics import IntervalStats, read_jsonl
@@ -197,19 +198,7 @@ def test_stop_between_log_lines_resumes_the_same_rows(tmp_path, evomoe_cache):
     assert exact_view(got) == exact_view(want)
 
 
-SHORT_ARGS = [
-    "tiny",
-    "--no-progress",
-    "--train.steps=12",
-    "--evolve.diversify_steps=4",
-    "--gate.decay_steps=4",
-    "--gate.hard_after=4",
-    "--train.threads=1",
-    "--train.eval_every=6",
-    "--train.ckpt_every=4",
-    "--train.eval_batches=1",
-    "--train.log_every=1",
-]
+SHORT_ARGS = ["tiny", "--no-progress", *short_overrides(eval_every=6, ckpt_every=4, log_every=1)]
 
 
 def test_sigint_saves_and_a_kill_before_the_first_checkpoint_starts_over(cli, tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from short_run import short_overrides
+
 from evomoe.config import load_config
 from evomoe.train.metrics import read_jsonl
 
@@ -136,15 +138,7 @@ def test_compare_every_method_and_reuse(cli, tmp_path: Path):
         methods,
         "--out",
         out,
-        "--train.steps=12",
-        "--evolve.diversify_steps=4",
-        "--gate.decay_steps=4",
-        "--gate.hard_after=4",
-        "--train.threads=1",
-        "--train.eval_every=6",
-        "--train.ckpt_every=12",
-        "--train.log_every=3",
-        "--train.eval_batches=1",
+        *short_overrides(eval_every=6, ckpt_every=12, log_every=3),
     ]
     rc, stdout, err = cli(*args)
     assert rc == 0, err[-3000:]
