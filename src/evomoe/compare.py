@@ -4,7 +4,11 @@ Each (method, seed) trains in ``DIR/runs/<method>-s<seed>/``; a finished run (re
 config unchanged) is reused, an interrupted one resumes. ``compare.md`` / ``compare.json`` hold, per
 method: final validation loss and perplexity (mean and spread over seeds), training FLOPs executed,
 tokens/s, mean experts per token, dropped fraction, and the steps and FLOPs needed to reach the Switch
-baseline's final validation loss.
+baseline's final validation loss. Beside them, the budget table compares every method at equal steps and at
+equal FLOPs executed (each run's validation curve read at the largest step count and the largest FLOPs
+every run reached, linearly between evaluations). ``--flops X`` gives every method the same training
+FLOPs budget (``train.max_flops``; ``train.steps`` stays a cap, which must be high enough for the cheapest
+method: a run the cap stopped short of its budget is marked).
 """
 
 from __future__ import annotations
@@ -125,11 +129,72 @@ def run_stats(out: Path) -> dict:
     steps = [r["step"] for r in rows]
     spans = [b - a for a, b in zip([0] + steps[:-1], steps)]
     wsum = lambda key: sum(r[key] * s for r, s in zip(rows, spans)) / max(sum(spans), 1)  # noqa: E731
+    diversity = [r["expert_diversity"] for r in rows if r.get("expert_diversity") is not None]
     return {
         "experts_per_token": wsum("experts_per_token") if rows else 0.0,
         "dropped_fraction": wsum("dropped_fraction") if rows else 0.0,
+        "entropy": wsum("entropy") if rows else 0.0,
+        "expert_diversity": diversity[-1] if diversity else None,
         "evals": evals,
     }
+
+
+def value_at(evals: list[dict], key: str, x: float) -> float | None:
+    """The validation loss at ``key`` (step or flops) = x, linearly between the two evaluations around it;
+    None when x lies outside the evaluated range."""
+    pts = [(e[key], e["val_loss"]) for e in evals]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1] if pts and pts[-1][0] == x else None
+
+
+def equal_budgets(runs: dict[str, list[dict]], max_flops: float = 0.0) -> dict:
+    """Every method's validation loss at the largest step count and at the largest FLOPs all runs reached."""
+    finals = [r["stats"]["evals"][-1] for rs in runs.values() for r in rs if r["stats"]["evals"]]
+    if not finals:
+        return {"steps": None, "flops": None, "methods": {}}
+    steps, flops = min(e["step"] for e in finals), min(e["flops"] for e in finals)
+    table = {}
+    for method, rs in runs.items():
+        at_steps = [value_at(r["stats"]["evals"], "step", steps) for r in rs]
+        at_flops = [value_at(r["stats"]["evals"], "flops", flops) for r in rs]
+        div = [r["stats"].get("expert_diversity") for r in rs]
+        table[method] = {
+            "loss_at_steps": _mean_spread(at_steps) if None not in at_steps else None,
+            "loss_at_flops": _mean_spread(at_flops) if None not in at_flops else None,
+            "final_steps": statistics.fmean(r["steps"] for r in rs),
+            "final_flops": statistics.fmean(r["train_flops"] for r in rs),
+            "short_of_budget": sum(1 for r in rs if 0 < max_flops > r["train_flops"]),
+            "entropy": statistics.fmean(r["stats"].get("entropy", 0.0) for r in rs),
+            "expert_diversity": statistics.fmean(div) if None not in div else None,
+        }
+    return {"steps": steps, "flops": flops, "max_flops": max_flops, "methods": table}
+
+
+def budget_lines(budgets: dict) -> list[str]:
+    """The markdown table of ``equal_budgets``."""
+    if budgets["steps"] is None:
+        return []
+    lines = [
+        "",
+        f"Equal budgets: validation loss at {budgets['steps']} steps and at {budgets['flops']:.4g} training "
+        "FLOPs executed (the largest each run reached; linear between evaluations). Entropy: mean routing "
+        "entropy (nats) over the run; diversity: the experts' mean pairwise cosine distance at the end.",
+        "",
+        f"| method | val loss at {budgets['steps']} steps | val loss at {budgets['flops']:.3g} FLOPs "
+        "| steps run | FLOPs run | entropy | diversity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, r in budgets["methods"].items():
+        cell = lambda v: "n/a" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}"  # noqa: E731
+        short = f" ({r['short_of_budget']} stopped by train.steps)" if r["short_of_budget"] else ""
+        div = "-" if r["expert_diversity"] is None else f"{r['expert_diversity']:.3f}"
+        lines.append(
+            f"| {m} | {cell(r['loss_at_steps'])} | {cell(r['loss_at_flops'])} "
+            f"| {r['final_steps']:.0f}{short} | {r['final_flops']:.3g} | {r['entropy']:.2f} | {div} |"
+        )
+    return lines
 
 
 def _mean_spread(xs: list[float]) -> tuple[float, float]:
@@ -171,7 +236,7 @@ def _fmt(x, spec: str) -> str:
     return "not reached" if x is None else format(x, spec)
 
 
-def write_markdown(summary: dict, out: Path, command: str) -> Path:
+def write_markdown(summary: dict, out: Path, command: str, budgets: dict | None = None) -> Path:
     t = summary["target_val_loss"]
     lines = [
         "# evomoe compare",
@@ -192,6 +257,7 @@ def write_markdown(summary: dict, out: Path, command: str) -> Path:
             f"| {r['tokens_per_s']:,.0f} | {r['experts_per_token']:.2f} | {r['dropped_fraction']:.3f} "
             f"| {_fmt(r['steps_to_target'], '.0f')} ({r['reached']}) | {_fmt(r['flops_to_target'], '.3g')} |"
         )
+    lines += budget_lines(budgets) if budgets else []
     lines += [
         "",
         "![validation loss vs step](val_loss_vs_step.png)",
@@ -203,7 +269,7 @@ def write_markdown(summary: dict, out: Path, command: str) -> Path:
     return path
 
 
-def plot_curves(runs: dict[str, list[dict]], out: Path) -> None:
+def plot_curves(runs: dict[str, list[dict]], out: Path, budgets: dict | None = None) -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -222,6 +288,10 @@ def plot_curves(runs: dict[str, list[dict]], out: Path) -> None:
             xs = [statistics.fmean(c[i][key] for c in curves) for i in range(n)]
             ys = [statistics.fmean(c[i]["val_loss"] for c in curves) for i in range(n)]
             ax.plot(xs, ys, "o-", ms=3, label=method)
+        at = (budgets or {}).get("steps" if key == "step" else "flops")
+        if at is not None:  # where the budget table reads every method at an equal budget
+            what = "steps" if key == "step" else "FLOPs"
+            ax.axvline(at, color="grey", ls="--", lw=1, label=f"equal {what}")
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (mean over seeds)")
         if key == "flops":
@@ -233,7 +303,8 @@ def plot_curves(runs: dict[str, list[dict]], out: Path) -> None:
 
 
 def cmd_compare(args, extra: list[str]) -> int:
-    base = load_config(args.config or "default", split_overrides(extra))
+    budget = [] if args.flops is None else [f"--train.max_flops={args.flops}"]
+    base = load_config(args.config or "default", split_overrides(extra) + budget)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         method_config(base, m, base.train.seed)  # every method checked before the first run starts
@@ -255,10 +326,12 @@ def cmd_compare(args, extra: list[str]) -> int:
             summary["seed"] = seed
             runs.setdefault(method_label(method), []).append(summary)
     summary = aggregate(runs)
+    budgets = equal_budgets(runs, base.train.max_flops)
     command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
-    (out / "compare.json").write_text(json.dumps({"command": command, **summary}, indent=1) + "\n")
-    plot_curves(runs, out)
-    md = write_markdown(summary, out, command)
+    record = {"command": command, **summary, "budgets": budgets}
+    (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
+    plot_curves(runs, out, budgets)
+    md = write_markdown(summary, out, command, budgets)
     print(md.read_text())
     print(f"written: {md} and {out / 'compare.json'}")
     return 0
@@ -277,4 +350,10 @@ def add_compare_parser(sub) -> None:
     )
     c.add_argument("--seeds", type=int, default=1, help="seeds per method (train.seed, train.seed+1, ...)")
     c.add_argument("--out", required=True, help="directory for the runs, compare.md and compare.json")
+    c.add_argument(
+        "--flops",
+        type=float,
+        default=None,
+        help="the same training FLOPs budget for every method (train.max_flops); train.steps stays a cap",
+    )
     c.set_defaults(command_line=None)

@@ -3,6 +3,15 @@
 Legend: E experts, D width, F hidden width, H = F (2F for swiglu: gate and up halves).
 Spawn modes (spec section 2): ``copy`` (+ relative Gaussian noise), ``mask`` (a fresh random fraction of
 hidden neurons zeroed per expert), ``reinit`` (those neurons re-drawn from the init distribution).
+
+Symmetry breaking that keeps the function (issue 13): after a ``copy`` spawn every expert is the same, so
+with a uniform gate the soft phase computes E identical experts and nothing tells them apart. Two spawns
+make the experts differ while the layer's output with equal combine weights 1/E (a zero gate, every
+expert selected: the start of the DTS soft phase) stays the dense FFN's exactly:
+- ``split``: each hidden neuron is kept by k = max(1, round((1 - ratio) E)) experts chosen at random; the
+  others zero its output row (its input column stays, so the neuron can grow back); the keepers scale
+  the row by E / k, so the mean over experts of every output row is the dense one.
+- ``copy`` with ``zero_sum_noise``: Gaussian noise on the output weights only, centred over the experts.
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ def spawn_weights(
     swiglu = w1_DH.shape[1] == 2 * d_ff
     w1_EDH = w1_DH.unsqueeze(0).repeat(num_experts, 1, 1)
     w2_EFD = w2_FD.unsqueeze(0).repeat(num_experts, 1, 1)
+    if e.spawn == "split":
+        return w1_EDH, split_output_rows(w2_EFD, e.ratio, generator)
+    if e.spawn == "copy" and e.zero_sum_noise:
+        return w1_EDH, w2_EFD + zero_sum_noise(w2_EFD, e.noise, generator)
     if e.spawn == "copy":
         if e.noise > 0:
             for w, base in ((w1_EDH, w1_DH), (w2_EFD, w2_FD)):
@@ -58,6 +71,23 @@ def spawn_weights(
             w1_EDH[i][:, cols] = fresh1.to(w1_DH)
             w2_EFD[i][idx_N, :] = fresh2.to(w2_FD)
     return w1_EDH, w2_EFD
+
+
+def split_output_rows(w2_EFD: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """``split``: every hidden neuron's output row kept by k of the E experts and scaled by E / k (mean over
+    experts = the input's rows, which are identical copies)."""
+    E, F_, _ = w2_EFD.shape
+    k = max(1, int(round((1.0 - ratio) * E)))
+    rank_FE = torch.rand(F_, E, generator=generator).argsort(dim=1).argsort(dim=1)  # a random order per row
+    keep_EF = (rank_FE < k).t().to(w2_EFD.device, w2_EFD.dtype)
+    return w2_EFD * keep_EF.unsqueeze(2) * (E / k)
+
+
+def zero_sum_noise(w2_EFD: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise of relative std ``sigma`` (of the base weights' std), centred over the experts: sums to 0."""
+    noise = torch.randn(w2_EFD.shape, generator=generator, dtype=w2_EFD.dtype, device="cpu").to(w2_EFD.device)
+    noise = noise * (sigma * w2_EFD[0].std())
+    return noise - noise.mean(dim=0, keepdim=True)
 
 
 def build_router(cfg: Config, **info) -> Router:

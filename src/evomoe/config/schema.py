@@ -18,7 +18,10 @@ SCHEMA_VERSION = 2  # bump with a migration in versions.py whenever a field is r
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 EXPERT_IMPLS = ("auto", "loop", "grouped", "padded", "fused", "fused_grouped")
 GATE_INITS = ("auto", "zeros", "normal")
-SPAWN_MODES = ("copy", "mask", "reinit")
+SPAWN_MODES = ("copy", "mask", "reinit", "split")
+GATE_CLOCKS = ("steps", "flops")
+EVAL_ROUTERS = ("top1", "train")
+OPTIMIZER_IMPLS = ("foreach", "fused")
 OPT_STATE_MODES = ("fresh", "copy")
 DECAYS = ("linear", "exponential", "cosine")
 TOKENIZERS = ("bpe", "bytes")
@@ -52,9 +55,10 @@ class MoEConfig:
 @dataclass
 class EvolveConfig:
     diversify_steps: int = 100  # phase 1 length; 0 starts sparse with freshly initialised experts
-    spawn: str = "copy"  # copy | mask | reinit
-    ratio: float = 0.5  # share of hidden neurons masked / re-drawn per expert (mask, reinit)
+    spawn: str = "copy"  # copy | mask | reinit | split (a function-keeping mask, see evolve.py)
+    ratio: float = 0.5  # share of hidden neurons masked / re-drawn per expert (mask, reinit, split)
     noise: float = 0.0  # copy: relative std of Gaussian noise added to each copy
+    zero_sum_noise: bool = False  # copy noise on the output weights only, centred over the experts
     keep_one: bool = True  # mask/reinit: expert 0 keeps the unmodified base weights
     opt_state: str = "fresh"  # fresh | copy: optimizer moments of the spawned experts
 
@@ -68,6 +72,11 @@ class GateConfig:
     decay: str = "linear"  # linear | exponential | cosine
     decay_steps: int = 500
     hard_after: int = 600  # steps after the spawn at which a dense-to-sparse gate becomes hard (one way)
+    # steps: decay_steps / hard_after count steps after the spawn; flops: the decay ends when the executed
+    # FLOPs reach decay_until * train.max_flops and the gate turns hard at hard_at * train.max_flops
+    clock: str = "steps"
+    decay_until: float = 0.5
+    hard_at: float = 0.6
 
 
 @dataclass
@@ -84,7 +93,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # a cap on optimizer steps (with max_flops: the budget usually ends the run first)
+    max_flops: float = 0.0  # training FLOPs budget: stop once this many were executed; 0: none
     batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -104,6 +114,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False
+    optimizer_impl: str = "foreach"  # foreach | fused (AdamW(fused=True): one kernel per step)
+
+
+@dataclass
+class EvalConfig:
+    # top1: the deterministic top-1 of the clean gate (spec); train: the router's training selection at
+    # the current schedule values (DTS: the tempered Gumbel threshold / cap), drawn from a fixed seed
+    router: str = "top1"
 
 
 @dataclass
@@ -170,6 +188,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 

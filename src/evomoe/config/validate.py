@@ -74,6 +74,27 @@ def _evolve_and_gate(cfg: Any) -> None:
         "must be >= 1 (the reference code's 1 is a bug)",
     )
     check(g.hard_after >= 0, "gate.hard_after", g.hard_after, "must be >= 0")
+    _flops_clock(cfg)
+
+
+def _flops_clock(cfg: Any) -> None:
+    g = cfg.gate
+    choice("gate.clock", g.clock, s.GATE_CLOCKS)
+    if g.clock != "flops":
+        return
+    check(
+        cfg.train.max_flops > 0,
+        "gate.clock",
+        g.clock,
+        "needs a FLOPs budget: set train.max_flops (the decay and the hard switch are shares of it)",
+    )
+    check(0.0 < g.decay_until <= 1.0, "gate.decay_until", g.decay_until, "must be in (0, 1]")
+    check(
+        g.decay_until <= g.hard_at <= 1.0,
+        "gate.hard_at",
+        g.hard_at,
+        f"must be in [decay_until={g.decay_until}, 1]",
+    )
 
 
 def _data(cfg: Any) -> None:
@@ -109,6 +130,21 @@ def _train(cfg: Any) -> None:
     check(t.threads >= 0, "train.threads", t.threads, "must be >= 0")
     check(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
     check(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    budget_ok = 0.0 <= t.max_flops < math.inf
+    check(budget_ok, "train.max_flops", t.max_flops, "must be finite and >= 0 (0: no budget)")
+    choice("train.optimizer_impl", t.optimizer_impl, s.OPTIMIZER_IMPLS)
+
+
+def _eval(cfg: Any) -> None:
+    choice("eval.router", cfg.eval.router, s.EVAL_ROUTERS)
+    if cfg.eval.router == "train" and cfg.moe.enabled:
+        check(
+            ROUTERS.get(cfg.router.name).dense_to_sparse,
+            "eval.router",
+            cfg.eval.router,
+            f"needs a dense-to-sparse router (router.name = {cfg.router.name!r} routes the same way in "
+            "training and evaluation)",
+        )
 
 
 def _parallel(cfg: Any) -> None:
@@ -133,7 +169,8 @@ def _plugin_tables(cfg: Any) -> None:
 
 
 def validate(cfg: Any) -> None:
-    for part in (_model, _task_and_model, _moe_and_router, _evolve_and_gate, _data, _train, _parallel):
+    parts = (_model, _task_and_model, _moe_and_router, _evolve_and_gate, _data, _train, _eval, _parallel)
+    for part in parts:
         part(cfg)
     _plugin_tables(cfg)
 

@@ -29,7 +29,10 @@ class GateState:
     """Schedule values the trainer hands to every router for the current step.
 
     ``spawn_step`` and ``total_steps`` are the run's plan (fixed when the run starts, saved in checkpoints):
-    routers with stages of their own (StableMoE) derive them from ``step`` and the plan.
+    routers with stages of their own (StableMoE) derive them from ``step`` and the plan. ``progress`` is the
+    share of the temperature decay done (0 at the spawn, 1 at its end; by steps or by FLOPs), for routers
+    that decay something else along with it. ``train_selection``: an evaluation that asks the router to
+    select as in training (``eval.router = "train"``).
     """
 
     tau: float = 1.0
@@ -37,6 +40,8 @@ class GateState:
     step: int = 0
     spawn_step: int = 0
     total_steps: int = 1
+    progress: float = 0.0
+    train_selection: bool = False
 
 
 @dataclass

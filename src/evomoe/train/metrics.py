@@ -3,8 +3,9 @@
 Row fields: step, phase, loss (mean LM loss over the interval), aux (unscaled aux losses), lr,
 temperature, experts_per_token (mean over MoE layers and tokens), max_experts_per_token,
 dropped_fraction, load_cv (coefficient of variation of tokens per expert, mean over MoE layers),
-entropy (routing entropy, nats), tokens_per_expert (per MoE layer, fractions), tokens_per_s, flops
-(cumulative training FLOPs actually executed), tokens (cumulative), grad_norm, skipped_steps.
+entropy (routing entropy, nats; entropy_layers: per MoE layer), tokens_per_expert (per MoE layer,
+fractions), tokens_per_s, flops (cumulative training FLOPs actually executed), tokens (cumulative),
+grad_norm, skipped_steps. The trainer adds expert_diversity and expert_diversity_layers (train/diversity.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class IntervalStats:
         self.max_k = torch.maximum(
             torch.as_tensor(self.max_k), max(s.max_experts_per_token.float() for s in stats)
         )
-        self.entropy = self.entropy + sum(s.entropy.float() for s in stats) / n
+        # per MoE layer (an interval saved by an older release holds their mean: it broadcasts)
+        self.entropy = self.entropy + torch.stack([s.entropy.float().to(loss.device) for s in stats])
         counts = [s.counts_E.float() for s in stats]
         if self.counts is None or any(a.shape != b.shape for a, b in zip(self.counts, counts)):
             self.counts = counts
@@ -97,7 +99,8 @@ class IntervalStats:
             "max_experts_per_token": item(self.max_k),
             "dropped_fraction": dropped / (pairs + dropped) if pairs + dropped else 0.0,
             "load_cv": sum(cvs) / len(cvs) if cvs else 0.0,
-            "entropy": item(self.entropy) / n,
+            "entropy": item(torch.as_tensor(self.entropy).float().mean()) / n,
+            "entropy_layers": [round(float(x) / n, 5) for x in torch.as_tensor(self.entropy).reshape(-1)],
             "tokens_per_expert": fractions,
             "grad_norm": item(self.grad_norm) / n,
         }

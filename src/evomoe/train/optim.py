@@ -23,8 +23,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; ``train.optimizer_impl``: ``foreach`` (the reference: multi-tensor passes) or ``fused`` (one
+    kernel per parameter group; equal to foreach up to rounding, tests/train/test_budget.py)."""
+    impl = getattr(cfg, "optimizer_impl", "foreach")
+    kind = {"fused": True} if impl == "fused" else {"foreach": True}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kind
     )
 
 

@@ -25,6 +25,7 @@ from ..schedule import Schedules, build_schedules
 from ..tasks.base import Batch, EvalContext
 from ..tasks.flops import step_flops
 from . import checkpoint as ckpt
+from .diversity import expert_diversity_row
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
 
@@ -129,15 +130,22 @@ class Trainer:
         return info
 
     def spawn(self) -> None:
+        self.schedules.tau.start_flops = self.state.flops  # a FLOPs clock counts from the spawn
         mapping = self.par.spawn_model(self.model, self.cfg, self.spawn_gen, self.router_info)
         self.model.to(self.device)
         opt = rebuild_after_spawn(self.opt, self.model, self.cfg.train, mapping, self.cfg.evolve.opt_state)
         self.opt = self.par.prepare_optimizer(opt)
 
-    def gate_state(self, step: int) -> GateState:
-        s = self.schedules
+    def gate_state(self, step: int, train_selection: bool = False) -> GateState:
+        """The schedule values of ``step`` (FLOPs clocks read the FLOPs executed before it)."""
+        s, flops = self.schedules, self.state.flops
         hard = s.phases.phase(step) == "sparse"
-        return GateState(s.tau(step), hard, step, s.phases.spawn_step, s.total_steps)
+        tau, progress = s.tau(step, flops), s.tau.progress(step, flops)
+        return GateState(tau, hard, step, s.phases.spawn_step, s.total_steps, progress, train_selection)
+
+    def budget_spent(self) -> bool:
+        """The FLOPs budget (``train.max_flops``) is reached: the run ends after the step that crossed it."""
+        return 0 < self.cfg.train.max_flops <= self.state.flops
 
     # ------------------------------------------------------------------------------------------ state
     def trainer_state(self) -> dict:
@@ -192,11 +200,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.moe.enabled and not self.model.spawned and step >= self.schedules.phases.spawn_step:
             self.spawn()
-        set_lr(self.opt, self.schedules.lr(step))
+        self.schedules.observe(step, self.state.flops)
+        self.step_lr, self.step_gate = self.schedules.lr(step, self.state.flops), self.gate_state(step)
+        set_lr(self.opt, self.step_lr)
         batch = self.task.train_batch(step)
         local = self.local(batch)  # this rank's rows of the global batch
         with self.autocast():
-            out = self.fwd(**local.inputs, gate=self.gate_state(step))
+            out = self.fwd(**local.inputs, gate=self.step_gate)
             loss = self.task.loss(out, local)
         (loss + out.aux_loss).backward()
         self.par.sync_grads(self.model)
@@ -259,12 +269,15 @@ class Trainer:
         saved_rng = rng_state()
         self.model.eval()
         step = max(self.state.step - 1, 0)
+        train_selection = self.cfg.eval.router == "train"
+        if train_selection:  # the same draws at every evaluation, whatever the training RNG holds
+            torch.manual_seed(self.cfg.train.seed + 7919)
         routed = [0.0, 0.0]  # sum over batches of (mean experts/token over MoE layers) * tokens, tokens
 
         def forward(batch: Batch):
             local = self.local(batch)
             with self.autocast():
-                out = self.model(**local.inputs, gate=self.gate_state(step))
+                out = self.model(**local.inputs, gate=self.gate_state(step, train_selection))
             if out.stats:
                 tokens = sum(float(s.tokens) for s in out.stats) / len(out.stats)
                 per_token = [float(s.pairs) / max(float(s.tokens), 1.0) for s in out.stats]
@@ -273,7 +286,7 @@ class Trainer:
             return out, local
 
         main = self.par.is_main
-        gate, out_dir = self.gate_state(step), self.out if main else None
+        gate, out_dir = self.gate_state(step, train_selection), self.out if main else None
         ctx = EvalContext(
             forward, self.par.sum_floats, self.model, gate, self.device, self.state.step, out_dir, main
         )
@@ -311,6 +324,8 @@ class Trainer:
             with bar:
                 interval_seconds, interval_tokens = 0.0, 0
                 for step in range(self.state.step, t.steps):
+                    if self.budget_spent():  # a resumed run whose budget was already spent
+                        break
                     tic = time.perf_counter()
                     tokens_before = self.state.tokens
                     self.train_step(step, interval)
@@ -319,7 +334,8 @@ class Trainer:
                     interval_seconds += dt
                     interval_tokens += self.state.tokens - tokens_before
                     self.state.step = done = step + 1
-                    if done % t.log_every == 0 or done == t.steps:
+                    end = done == t.steps or self.budget_spent()
+                    if done % t.log_every == 0 or end:
                         comm = self.par.reduce_interval(interval, self.model.spawned)  # all ranks' statistics
                         row = self.log_row(step, interval, interval_tokens / max(interval_seconds, 1e-9))
                         row.update(comm)
@@ -327,17 +343,19 @@ class Trainer:
                         bar.update(done, row)
                         interval.reset()
                         interval_seconds, interval_tokens = 0.0, 0
-                    if done % t.eval_every == 0 or done == t.steps:
+                    if done % t.eval_every == 0 or end:
                         last = self.evaluate()
                         evals.write(last)
                         bar.note(f"step {done}: val_loss {last['val_loss']:.4f}  ppl {last['val_ppl']:.2f}")
                     # with several ranks, the stop request agreed at this step (a signal may reach one rank)
                     stop = self.par.agreed_stop(self.stop_requested)
-                    if done % t.ckpt_every == 0 or done == t.steps or stop:
+                    if done % t.ckpt_every == 0 or end or stop:
                         self.save()
                     if stop:
                         self.stop_requested = stop
                         self.log(f"{stop}: checkpoint saved at step {done}; resume with --resume")
+                        break
+                    if end:
                         break
         finally:
             metrics.close()
@@ -347,14 +365,16 @@ class Trainer:
         return {"stopped": self.stop_requested, "step": self.state.step, "eval": last}
 
     def log_row(self, step: int, interval: IntervalStats, tokens_per_s: float) -> dict:
+        gate = self.step_gate
         row = {
             "step": step + 1,
             "phase": self.schedules.phases.phase(step),
-            "lr": self.schedules.lr(step),
-            "temperature": self.schedules.tau(step) if self.model.spawned else None,
-            "hard": self.gate_state(step).hard,
+            "lr": self.step_lr,
+            "temperature": gate.tau if self.model.spawned else None,
+            "hard": gate.hard,
         }
         row.update(interval.row())
+        row.update(expert_diversity_row(self.model))
         row.update(
             tokens_per_s=tokens_per_s,
             flops=self.state.flops,

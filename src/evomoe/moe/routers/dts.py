@@ -3,7 +3,8 @@
 Training: y = softmax((z + Gumbel) / tau); soft phase selects every expert with y > threshold (a variable
 number per token), hard phase a sampled top-1 (argmax y). Combine weights are the clean softmax(z)
 masked by the selection and not renormalised (option: the noisy tempered y). Evaluation: deterministic
-top-1 of softmax(z), no noise, no dropping. Legend: T tokens, D width, E experts, P pairs.
+top-1 of softmax(z), no noise, no dropping; or (``eval.router = "train"``, ``GateState.train_selection``)
+the training selection at the current schedule values. Legend: T tokens, D width, E experts, P pairs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class DTSRouter(Router):
 
     def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection mask (no gradient) and the tempered weights y."""
-        if not self.training:
+        if not self.selects_as_in_training(ctx):
             return F.one_hot(z_TE.argmax(-1), self.num_experts).bool(), torch.softmax(z_TE, -1)
         noisy = z_TE + gumbel_like(z_TE) if self.cfg.gumbel else z_TE
         y_TE = torch.softmax(noisy / ctx.gate.tau, dim=-1)
@@ -60,16 +61,20 @@ class DTSRouter(Router):
             sel_TE = y_TE.detach() > self.cfg.threshold
         return sel_TE, y_TE
 
+    def selects_as_in_training(self, ctx: RouterContext) -> bool:
+        return self.training or ctx.gate.train_selection
+
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         z_TE = self.gate(x_TD)
         p_TE = torch.softmax(z_TE, dim=-1)
         sel_TE, y_TE = self.select(z_TE, ctx)
         if ctx.valid_T is not None:
             sel_TE = sel_TE & ctx.valid_T.unsqueeze(1)
-        combine_TE = y_TE if (self.training and self.cfg.combine == "noisy") else p_TE
+        trains = self.selects_as_in_training(ctx)
+        combine_TE = y_TE if (trains and self.cfg.combine == "noisy") else p_TE
         w_TE = combine_TE * sel_TE
         fixed_k = None
-        if (ctx.gate.hard or not self.training) and ctx.valid_T is None:
+        if (ctx.gate.hard or not trains) and ctx.valid_T is None:
             # exactly one expert per token: the same pairs without a nonzero (a host sync), fixed k = 1
             expert_T1 = sel_TE.to(torch.uint8).argmax(-1, keepdim=True)
             token_P, expert_P, weight_P = pairs_from_topk(expert_T1, w_TE.gather(1, expert_T1))

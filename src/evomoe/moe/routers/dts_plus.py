@@ -1,0 +1,75 @@
+"""DTS with two levers against the waste of its soft phase (issue 13): a cap on experts per token and a
+non-zero gate start. The paper's gate stays ``dts``; this one is ``dts_plus``.
+
+- ``cap_start`` > 0: during the soft phase a token keeps at most k(progress) experts, the top-k of the
+  tempered Gumbel softmax y, and of those only the ones above the threshold; k falls linearly from
+  ``cap_start`` at the spawn to 1 when the temperature decay ends (``GateState.progress``: by steps, or by
+  FLOPs with ``gate.clock = "flops"``). The soft phase then costs at most ``cap_start`` experts per token
+  instead of up to E, and its cost shrinks as it goes.
+- ``gate_std`` > 0: the gate starts N(0, gate_std) instead of ``router.gate_init``: tokens prefer different
+  experts from the first step, so copies of one expert receive different gradients (with copies the
+  layer's output is unchanged by any gate while every expert is selected).
+Legend: T tokens, E experts, K the cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...config.errors import check
+from ...registry import ROUTERS
+from ..router import RouterContext, RouterSpec
+from .dts import DTSOptions, DTSRouter
+
+
+@dataclass
+class DTSPlusOptions(DTSOptions):
+    cap_start: int = 0  # experts per token allowed at the spawn, falling to 1; 0: no cap (the paper's DTS)
+    gate_std: float = 0.0  # > 0: the gate starts N(0, gate_std); 0: router.gate_init
+
+    def validate(self, cfg, prefix: str) -> None:
+        super().validate(cfg, prefix)
+        E = cfg.moe.num_experts
+        check(0 <= self.cap_start <= E, f"{prefix}.cap_start", self.cap_start, f"must be in [0, E={E}]")
+        check(0.0 <= self.gate_std < 1.0, f"{prefix}.gate_std", self.gate_std, "must be in [0, 1)")
+
+
+def cap_at(cap_start: int, progress: float) -> int:
+    """The cap after ``progress`` in [0, 1] of the decay: linear from ``cap_start`` down to 1."""
+    return max(1, int(cap_start + (1 - cap_start) * min(max(progress, 0.0), 1.0) + 0.5))
+
+
+def top_k_mask(y_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [T, E]: each token's k largest entries of y (ties: the lower expert index)."""
+    idx_TK = y_TE.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # stable: ties as the reference
+    return torch.zeros_like(y_TE, dtype=torch.bool).scatter_(1, idx_TK, True)
+
+
+def top_k_mask_reference(y_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The slow twin: per token, a stable sort of the experts by decreasing y."""
+    mask = torch.zeros_like(y_TE, dtype=torch.bool)
+    for t in range(y_TE.shape[0]):
+        order = sorted(range(y_TE.shape[1]), key=lambda e: (-float(y_TE[t, e]), e))
+        mask[t, order[:k]] = True
+    return mask
+
+
+@ROUTERS.register("dts_plus")
+class DTSPlusRouter(DTSRouter):
+    Options = DTSPlusOptions
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        if self.cfg.gate_std > 0:
+            nn.init.normal_(self.gate.weight, std=self.cfg.gate_std)
+
+    def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
+        sel_TE, y_TE = super().select(z_TE, ctx)
+        if self.cfg.cap_start and self.selects_as_in_training(ctx) and not ctx.gate.hard:
+            k = cap_at(self.cfg.cap_start, ctx.gate.progress)
+            if k < self.num_experts:
+                sel_TE = sel_TE & top_k_mask(y_TE.detach(), k)
+        return sel_TE, y_TE

@@ -1,0 +1,173 @@
+"""Issue 13's DTS variants: symmetry breaking that keeps the function at the spawn, the cap on experts per
+token, evaluation with the training selection, and the expert-diversity metric (fast vs slow twins)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomoe.config import Config, router_config
+from evomoe.evolve import spawn_model, spawn_weights
+from evomoe.models import GPT
+from evomoe.moe.diversity import (
+    expert_weights_EN,
+    mean_pairwise_cosine_distance,
+    mean_pairwise_cosine_distance_reference,
+)
+from evomoe.moe.router import GateState, RouterContext
+from evomoe.moe.routers.dts import DTSRouter
+from evomoe.moe.routers.dts_plus import DTSPlusRouter, cap_at, top_k_mask, top_k_mask_reference
+from evomoe.tasks.lm import lm_forward
+
+D_MODEL, D_FF, E = 16, 32, 4
+
+
+def small_cfg(router: str = "dts", **evolve) -> Config:
+    cfg = Config()
+    cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers = 50, D_MODEL, 2
+    cfg.model.n_heads, cfg.model.seq_len, cfg.model.d_ff = 2, 16, D_FF
+    cfg.moe.num_experts = E
+    cfg.router.name = router
+    cfg.router.dts.threshold = 0.0  # every expert selected: the layer is the mean of its experts
+    cfg.router.dts_plus.threshold = 0.0
+    for k, v in evolve.items():
+        setattr(cfg.evolve, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "router,evolve,gate_std",
+    [
+        ("dts", {"spawn": "split", "ratio": 0.5}, 0.0),
+        ("dts", {"spawn": "split", "ratio": 0.75}, 0.0),
+        ("dts", {"spawn": "copy", "noise": 0.5, "zero_sum_noise": True}, 0.0),
+        ("dts_plus", {"spawn": "copy"}, 0.5),  # a non-zero gate over copies
+    ],
+)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_symmetry_breaking_spawn_keeps_the_function(router, evolve, gate_std, activation):
+    cfg = small_cfg(router, **evolve)
+    cfg.model.activation = activation
+    cfg.router.gate_init = "zeros"
+    cfg.router.dts_plus.gate_std = gate_std
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.moe).train()
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    before = lm_forward(model, idx, idx).logits.detach()
+    spawn_model(model, cfg, torch.Generator().manual_seed(0))
+    out = lm_forward(model, idx, idx, gate=GateState(tau=2.0))
+    assert all(int(s.pairs) == 3 * 16 * E for s in out.stats)
+    torch.testing.assert_close(out.logits.detach(), before, atol=2e-5, rtol=1e-4)
+    diversity = [
+        float(mean_pairwise_cosine_distance(expert_weights_EN(m.experts))) for m in model.moe_layers()
+    ]
+    if router == "dts":  # the experts differ (a gate start leaves them copies: their gradients differ)
+        assert min(diversity) > 1e-3, diversity
+    else:
+        assert max(diversity) < 1e-6 and model.moe_layers()[0].router.gate.weight.abs().max() > 0.1
+
+
+def test_split_keeps_each_neuron_in_k_experts_and_a_negative_control():
+    cfg = small_cfg(spawn="split", ratio=0.5)
+    w1, w2 = torch.randn(D_MODEL, D_FF), torch.randn(D_FF, D_MODEL)
+    w1_EDH, w2_EFD = spawn_weights(w1, w2, E, cfg, torch.Generator().manual_seed(3))
+    kept_FE = (w2_EFD != 0).any(2).t()
+    assert (kept_FE.sum(1) == 2).all()  # k = round((1 - 0.5) * 4)
+    assert torch.equal(w1_EDH, w1.expand_as(w1_EDH))  # inputs stay: a zeroed neuron can grow back
+    torch.testing.assert_close(w2_EFD.mean(0), w2)
+    cfg.evolve.spawn = "mask"  # the plain mask does not keep the mean
+    _, w2_mask = spawn_weights(w1, w2, E, cfg, torch.Generator().manual_seed(3))
+    assert not torch.allclose(w2_mask.mean(0), w2)
+
+
+def test_zero_sum_noise_sums_to_zero_and_plain_noise_does_not():
+    w1, w2 = torch.randn(D_MODEL, D_FF), torch.randn(D_FF, D_MODEL)
+    zs = spawn_weights(w1, w2, E, small_cfg(spawn="copy", noise=0.3, zero_sum_noise=True), torch.Generator())
+    plain = spawn_weights(w1, w2, E, small_cfg(spawn="copy", noise=0.3), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(zs[1].mean(0), w2, atol=1e-6, rtol=0)
+    assert not torch.allclose(plain[1].mean(0), w2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cap on experts per token
+
+
+def dts_plus(cap_start: int, E_: int = 8, **opts) -> DTSPlusRouter:
+    cfg = router_config(gate_init="normal")
+    cfg.dts_plus.cap_start = cap_start
+    for k, v in opts.items():
+        setattr(cfg.dts_plus, k, v)
+    torch.manual_seed(0)
+    return DTSPlusRouter.from_config(cfg, D_MODEL, E_).train()
+
+
+def test_cap_schedule_endpoints():
+    assert [cap_at(8, p) for p in (0.0, 0.5, 1.0, 2.0)] == [8, 5, 1, 1]  # 8 - 7 * 0.5 = 4.5 rounds up
+    assert cap_at(1, 0.0) == 1
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.3, 0.7, 1.0])
+def test_cap_holds_in_the_soft_phase(progress):
+    r = dts_plus(6)
+    x = torch.randn(256, D_MODEL)
+    routing = r(x, RouterContext(gate=GateState(tau=3.0, progress=progress)))
+    k_T = torch.bincount(routing.token_idx_P, minlength=256)
+    cap = cap_at(6, progress)
+    assert k_T.max() <= cap and k_T.min() >= 1
+    assert (k_T == cap).float().mean() > 0.9  # at tau 3 the threshold keeps nearly all: the cap binds
+    uncapped = dts_plus(0)(x, RouterContext(gate=GateState(tau=3.0, progress=progress)))
+    assert torch.bincount(uncapped.token_idx_P, minlength=256).max() > cap or cap == 6
+
+
+def test_top_k_mask_matches_its_reference():
+    y = torch.rand(40, 8)
+    y[3] = 0.5  # ties: the lower expert index wins in both
+    for k in (1, 3, 8):
+        assert torch.equal(top_k_mask(y, k), top_k_mask_reference(y, k))
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation with the training selection
+
+
+@pytest.mark.parametrize("cls,hard", [(DTSRouter, False), (DTSRouter, True), (DTSPlusRouter, False)])
+def test_eval_router_train_matches_the_training_selection(cls, hard):
+    cfg = router_config(gate_init="normal")
+    cfg.dts_plus.cap_start = 3
+    torch.manual_seed(0)
+    r = cls.from_config(cfg, D_MODEL, 8)
+    x = torch.randn(64, D_MODEL)
+    gate = GateState(tau=0.8, hard=hard, progress=0.2)
+    torch.manual_seed(5)
+    train = r.train()(x, RouterContext(gate=gate))
+    torch.manual_seed(5)
+    gate.train_selection = True
+    with torch.no_grad():
+        ev = r.eval()(x, RouterContext(gate=gate))
+    for a, b in zip(
+        (train.token_idx_P, train.expert_idx_P, train.weight_P),
+        (ev.token_idx_P, ev.expert_idx_P, ev.weight_P),
+    ):
+        assert torch.equal(a.detach(), b)
+    gate.train_selection = False  # the default evaluation: deterministic top-1, a different selection
+    top1 = r.eval()(x, RouterContext(gate=gate))
+    assert top1.token_idx_P.numel() == 64
+    if not hard:
+        assert ev.token_idx_P.numel() > 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# expert diversity
+
+
+def test_diversity_matches_its_reference_and_is_zero_for_copies():
+    w = torch.randn(5, 300)
+    torch.testing.assert_close(
+        mean_pairwise_cosine_distance(w),
+        mean_pairwise_cosine_distance_reference(w).float(),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert float(mean_pairwise_cosine_distance(w[:1].expand(4, 300))) == pytest.approx(0.0, abs=1e-6)
+    assert float(mean_pairwise_cosine_distance(torch.cat([w[:1], -w[:1]]))) == pytest.approx(2.0)
+    assert float(mean_pairwise_cosine_distance(w[:1])) == 0.0

@@ -1,0 +1,178 @@
+"""Equal-FLOPs budgets (issue 13): ``train.max_flops`` ends the run at the budget with the learning rate and
+(``gate.clock = "flops"``) the gate planned over it, a resumed budget run is bitwise the uninterrupted one,
+``evomoe compare --flops`` gives every method the same budget, and the fused AdamW equals the foreach one."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from short_run import short_overrides
+
+from evomoe.compare import equal_budgets, value_at
+from evomoe.config import ConfigError, load_config
+from evomoe.schedule import LRSchedule, PhasePlan, TemperatureSchedule
+from evomoe.train.metrics import read_jsonl
+from evomoe.train.trainer import Trainer
+
+BUDGET = 3.2e9  # tiny at 12 steps: ~2.8e8 FLOPs per dense step, ~2x that with the capped soft phase
+EXACT = ("step", "phase", "loss", "aux", "lr", "temperature", "hard", "experts_per_token", "flops", "entropy")
+
+
+def budget_cfg(**over):
+    args = short_overrides(eval_every=4, ckpt_every=100, log_every=1) + [
+        "--train.steps=40",
+        f"--train.max_flops={BUDGET}",
+        "--gate.clock=flops",
+        "--gate.decay_until=0.6",
+        "--gate.hard_at=0.75",
+        "--router.name=dts_plus",
+        "--router.dts_plus.cap_start=3",
+        "--evolve.spawn=split",
+    ]
+    return load_config("tiny", args + [f"--{k.replace('__', '.')}={v}" for k, v in over.items()])
+
+
+def train(cfg, out: Path, env, stop_after: int | None = None, resume: bool = False) -> Trainer:
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, out, env=env, log=lambda s: None, progress=False)
+    if resume:
+        trainer.restore(sorted((out / "checkpoints").glob("step_*"))[-1])
+    if stop_after is not None:  # what the SIGTERM handler does, at a chosen step
+        original = trainer.train_step
+
+        def step_then_stop(step, interval):
+            original(step, interval)
+            if step + 1 == stop_after:
+                trainer.stop_requested = "SIGTERM"
+
+        trainer.train_step = step_then_stop
+    trainer.run()
+    return trainer
+
+
+def test_budget_run_stops_at_the_budget_and_resumes_bitwise(tmp_path, evomoe_cache):
+    env = {"EVOMOE_CACHE": str(evomoe_cache)}
+    ref = train(budget_cfg(), tmp_path / "ref", env)
+    rows = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert rows[-1]["flops"] >= BUDGET > rows[-2]["flops"]  # the step that crossed the budget was the last
+    assert ref.state.step == rows[-1]["step"] < 40  # train.steps is only a cap
+    assert read_jsonl(tmp_path / "ref" / "eval.jsonl")[-1]["step"] == ref.state.step
+    # the hard switch: the first step that starts with hard_at * budget FLOPs executed
+    first_hard = next(i for i, r in enumerate(rows) if r["hard"])
+    assert rows[first_hard - 1]["flops"] >= 0.75 * BUDGET > rows[first_hard - 2]["flops"]
+    # the temperature reaches tau_min once decay_until * budget FLOPs ran
+    done = [r for r, prev in zip(rows[1:], rows) if prev["flops"] >= 0.6 * BUDGET]
+    assert done and all(r["temperature"] == pytest.approx(0.3) for r in done)
+    assert max(r["max_experts_per_token"] for r in rows) <= 3  # the cap
+    # the learning rate follows the executed share of the budget: monotone after the warmup, near its floor
+    lrs = [r["lr"] for r in rows[5:]]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.2 * 3e-3
+
+    train(budget_cfg(), tmp_path / "cut", env, stop_after=5)
+    resumed = train(budget_cfg(), tmp_path / "cut", env, resume=True)
+    got = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
+    assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in rows]
+    for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_lr_schedule_follows_the_executed_flops():
+    lr = LRSchedule(lr=1.0, warmup=2, total=1000, min_ratio=0.1, max_flops=100.0)
+    assert lr(0, 0.0) == 0.5 and lr(1, 5.0) == 1.0
+    lr.observe(2, 20.0)  # the warmup ended with 20 FLOPs executed
+    lr.observe(3, 30.0)  # recorded once
+    assert lr.start_flops == 20.0
+    assert lr(2, 20.0) == 1.0
+    assert lr(7, 60.0) == pytest.approx(0.55)  # half-way from 20 to 100: the cosine's midpoint
+    assert lr(9, 100.0) == pytest.approx(0.1) and lr(9, 150.0) == pytest.approx(0.1)
+    assert LRSchedule(lr=1.0, warmup=2, total=12)(7) == pytest.approx(0.55)  # steps: unchanged
+
+
+def test_flops_clock_endpoints():
+    tau = TemperatureSchedule(
+        2.0, 0.5, 10, "linear", start_step=3, clock="flops", start_flops=40.0, end_flops=140.0
+    )
+    assert (
+        tau(3, 40.0) == 2.0 and tau(9, 90.0) == pytest.approx(1.25) and tau(20, 140.0) == pytest.approx(0.5)
+    )
+    assert tau(30, 500.0) == pytest.approx(0.5) and tau.progress(3, 0.0) == 0.0
+    plan = PhasePlan(spawn_step=3, hard_after=1000, dense_to_sparse=True, hard_flops=100.0)
+    for step, flops in ((3, 40.0), (4, 70.0), (5, 99.0)):
+        plan.observe(step, flops)
+        assert plan.phase(step) == "sparsify"
+    plan.observe(6, 101.0)
+    assert plan.hard_after == 3 and plan.phase(6) == "sparse" and plan.phase(100) == "sparse"
+    plan.observe(7, 200.0)  # one way: fixed at the first crossing
+    assert plan.hard_after == 3
+
+
+def test_flops_clock_needs_a_budget():
+    with pytest.raises(ConfigError, match=r"gate.clock = 'flops'.*train.max_flops"):
+        load_config("tiny", ["--gate.clock=flops"])
+    with pytest.raises(ConfigError, match=r"gate.hard_at = 0.2"):
+        load_config("tiny", ["--gate.clock=flops", "--train.max_flops=1e9", "--gate.hard_at=0.2"])
+    with pytest.raises(ConfigError, match=r"eval.router = 'train'.*'topk'"):
+        load_config("tiny", ["--eval.router=train", "--router.name=topk"])
+
+
+def test_value_at_and_equal_budgets():
+    evals = [{"step": 4, "flops": 10.0, "val_loss": 5.0}, {"step": 8, "flops": 30.0, "val_loss": 3.0}]
+    assert value_at(evals, "flops", 20.0) == 4.0 and value_at(evals, "step", 8) == 3.0
+    assert value_at(evals, "flops", 40.0) is None and value_at(evals, "step", 2) is None
+    cheap = [{"step": 4, "flops": 8.0, "val_loss": 6.0}, {"step": 12, "flops": 24.0, "val_loss": 4.0}]
+
+    def run(ev):
+        return {
+            "stats": {"evals": ev, "entropy": 0.5},
+            "steps": ev[-1]["step"],
+            "train_flops": ev[-1]["flops"],
+        }
+
+    b = equal_budgets({"a": [run(evals)], "b": [run(cheap)]}, max_flops=25.0)
+    assert b["steps"] == 8 and b["flops"] == 24.0
+    assert b["methods"]["a"]["loss_at_flops"] == (pytest.approx(3.6), 0.0)
+    assert b["methods"]["b"]["loss_at_steps"] == (pytest.approx(5.0), 0.0)
+    assert b["methods"]["b"]["short_of_budget"] == 1 and b["methods"]["a"]["short_of_budget"] == 0
+
+
+def test_compare_flops_gives_every_method_the_budget(cli, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "tiny", "--methods", "dts,dense", "--out", out, "--flops", "2.5e9"]
+    args += short_overrides(eval_every=3, ckpt_every=100, log_every=3) + ["--train.steps=40"]
+    rc, stdout, err = cli(*args)
+    assert rc == 0, err[-3000:]
+    summary = json.loads((out / "compare.json").read_text())
+    budgets = summary["budgets"]
+    for m in ("dts", "dense"):
+        res = json.loads((out / "runs" / f"{m}-s0" / "results.json").read_text())
+        assert 2.5e9 <= res["train_flops"] < 2.5e9 * 1.5 and res["steps"] < 40
+        assert math.isfinite(budgets["methods"][m]["loss_at_flops"][0])
+    assert budgets["methods"]["dense"]["final_steps"] > budgets["methods"]["dts"]["final_steps"]
+    assert "Equal budgets" in (out / "compare.md").read_text()
+
+
+def test_fused_adamw_matches_foreach():
+    from evomoe.models import GPT
+    from evomoe.tasks.lm import lm_forward
+    from evomoe.train.optim import build_optimizer
+
+    cfg = load_config("tiny", ["--model.vocab_size=50"])
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    params = []
+    for impl in ("foreach", "fused"):
+        cfg.train.optimizer_impl = impl
+        torch.manual_seed(0)
+        model = GPT(cfg.model, cfg.moe)
+        opt = build_optimizer(model, cfg.train)
+        assert bool(opt.defaults.get("fused")) == (impl == "fused")
+        for _ in range(3):
+            opt.zero_grad()
+            lm_forward(model, idx, idx).loss.backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
