@@ -30,7 +30,7 @@ from evomoe.models import GPT  # noqa: E402
 from evomoe.moe.router import GateState  # noqa: E402
 from evomoe.tasks.lm import lm_forward  # noqa: E402
 from evomoe.train.flops import training_flops  # noqa: E402
-from evomoe.train.optim import build_optimizer, param_groups  # noqa: E402
+from evomoe.train.optim import build_optimizer  # noqa: E402
 
 VOCAB = 4096
 
@@ -82,11 +82,9 @@ class Runner:
         if cfg.moe.enabled and cfg.evolve.diversify_steps == 0:
             fresh_experts(self.model, cfg, torch.Generator().manual_seed(seed))
             self.model.to(device)
+        # the trainer's optimizer: train.optimizer_impl = fused (one kernel per group) or foreach
+        cfg.train.optimizer_impl = "fused" if fused_adamw else "foreach"
         self.opt = build_optimizer(self.model, cfg.train)
-        if fused_adamw:  # the recommended trainer change (docs/performance.md): one fused kernel per step
-            t = cfg.train
-            groups = param_groups(self.model, t.weight_decay)
-            self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
         self.amp = precision == "bf16"
         B, S = cfg.train.batch_size, cfg.model.seq_len
         g = torch.Generator().manual_seed(seed)
@@ -148,7 +146,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="steps per variant and round")
     p.add_argument("--impl", default="auto", help="moe.experts_impl of the MoE variants")
     p.add_argument(
-        "--fused-adamw", action="store_true", help="AdamW(fused=True) instead of the trainer's foreach"
+        "--fused-adamw", action="store_true", help="train.optimizer_impl = fused instead of foreach"
+    )
+    p.add_argument(
+        "--adamw-side-by-side",
+        action="store_true",
+        help="run every variant twice, foreach and fused AdamW (train.optimizer_impl), interleaved",
     )
     p.add_argument(
         "--variants", default="", help="comma-separated subset of the variants (dense always runs)"
@@ -173,6 +176,10 @@ def main() -> None:
             name: Runner(c, gate, device, precision, fused_adamw=args.fused_adamw)
             for name, (c, gate) in chosen.items()
         }
+        if args.adamw_side_by_side:  # each variant also with the fused AdamW, interleaved in the same rounds
+            for name, (c, gate) in chosen.items():
+                twin = Runner(copy.deepcopy(c), gate, device, precision, fused_adamw=True)
+                runners[f"{name} +fused"] = twin
         if args.compile:  # the attention and norms compile; the MoE layer's data-dependent shapes stay eager
             for r in runners.values():
                 for block in r.model.blocks:

@@ -171,3 +171,35 @@ def test_diversity_matches_its_reference_and_is_zero_for_copies():
     assert float(mean_pairwise_cosine_distance(w[:1].expand(4, 300))) == pytest.approx(0.0, abs=1e-6)
     assert float(mean_pairwise_cosine_distance(torch.cat([w[:1], -w[:1]]))) == pytest.approx(2.0)
     assert float(mean_pairwise_cosine_distance(w[:1])) == 0.0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_normalized_weights_keep_the_function_under_any_selection(training):
+    cfg = small_cfg("dts_plus", spawn="copy")
+    cfg.router.gate_init = "normal"
+    cfg.router.dts_plus.cap_start, cfg.router.dts_plus.normalize = 2, True
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.moe).train(training)
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    before = lm_forward(model, idx, idx).logits.detach()
+    spawn_model(model, cfg, torch.Generator().manual_seed(0))
+    model.train(training)  # the spawned routers start in training mode
+    out = lm_forward(model, idx, idx, gate=GateState(tau=2.0))
+    k = 2 if training else 1  # the cap in the soft phase; the deterministic top-1 at evaluation
+    assert all(int(s.pairs) == 3 * 16 * k for s in out.stats)
+    torch.testing.assert_close(out.logits.detach(), before, atol=2e-5, rtol=1e-4)
+    cfg.router.dts_plus.normalize = False  # negative control: masked weights shrink the output
+    torch.manual_seed(0)
+    plain = GPT(cfg.model, cfg.moe).train(training)
+    spawn_model(plain, cfg, torch.Generator().manual_seed(0))
+    plain.train(training)
+    assert not torch.allclose(lm_forward(plain, idx, idx, gate=GateState(tau=2.0)).logits, before, atol=1e-3)
+
+
+def test_normalized_weights_still_train_the_gate():
+    r = dts_plus(2, normalize=True)
+    x = torch.randn(32, D_MODEL)
+    routing = r(x, RouterContext(gate=GateState(tau=1.0, hard=True)))
+    torch.testing.assert_close(routing.weight_P, torch.ones(32))  # top-1: weight 1 in value
+    (routing.weight_P * torch.randn(32)).sum().backward()
+    assert r.gate.weight.grad.abs().sum() > 0

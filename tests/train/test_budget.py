@@ -15,6 +15,7 @@ from short_run import short_overrides
 from evomoe.compare import equal_budgets, value_at
 from evomoe.config import ConfigError, load_config
 from evomoe.schedule import LRSchedule, PhasePlan, TemperatureSchedule
+from evomoe.tasks.flops import step_flops
 from evomoe.train.metrics import read_jsonl
 from evomoe.train.trainer import Trainer
 
@@ -78,6 +79,29 @@ def test_budget_run_stops_at_the_budget_and_resumes_bitwise(tmp_path, evomoe_cac
     assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in rows]
     for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_one_sync_step_scalars_match_the_per_value_reference(tmp_path, evomoe_cache, monkeypatch):
+    seen = []
+    original = Trainer.step_scalars
+
+    def checked(self, total_loss, grad_norm, out, local):
+        finite, flops = original(self, total_loss, grad_norm, out, local)
+        rows = float(out.ffn_rows)  # the reference: one host read per value
+        routed = sum(float(s.tokens) for s in out.stats) if self.model.spawned else 0.0
+        dense = self.task.forward_dense_flops(local)
+        want = step_flops(dense, rows, routed, self.cfg.model, self.cfg.moe.num_experts)
+        assert flops == want and finite == bool(torch.isfinite(total_loss) and torch.isfinite(grad_norm))
+        seen.append(self.model.spawned)
+        return finite, flops
+
+    monkeypatch.setattr(Trainer, "step_scalars", checked)
+    train(
+        budget_cfg(**{"train__max_flops": 0.0, "gate__clock": "steps", "train__steps": 12}),
+        tmp_path,
+        {"EVOMOE_CACHE": str(evomoe_cache)},
+    )
+    assert len(seen) == 12 and not seen[0] and seen[-1]
 
 
 def test_lr_schedule_follows_the_executed_flops():

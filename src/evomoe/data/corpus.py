@@ -147,7 +147,7 @@ def list_corpus(cfg: DataConfig) -> CorpusListing:
         if not root.exists():
             raise ConfigError(
                 f"data.corpus = {cfg.corpus!r}: the path '{root}' does not exist; set data.corpus "
-                "to 'stdlib' or to an existing text file or directory"
+                f"to 'stdlib' or to an existing text file or directory{_doc_hint(root)}"
             )
         root = root.resolve()
         if root.is_file():
@@ -172,6 +172,14 @@ def list_corpus(cfg: DataConfig) -> CorpusListing:
     return CorpusListing(
         kind=kind, root=root, files=tuple(files), fingerprint=fingerprint(kind, root, files, cfg)
     )
+
+
+def _doc_hint(root: Path) -> str:
+    """How to fetch the Python documentation corpus (the ``pydocs`` preset) when it is missing."""
+    m = re.search(r"/usr/share/doc/(python3\.\d+)/", root.as_posix() + "/")
+    if not m:
+        return ""
+    return f" (the Python documentation sources: apt-get update && apt-get install -y {m.group(1)}-doc)"
 
 
 def fingerprint(kind: str, root: Path, files: Iterable[CorpusFile], cfg: DataConfig) -> str:

@@ -83,6 +83,28 @@ def plot_expert_load(rows, out: Path) -> str | None:
     return _save(fig, out / "tokens_per_expert.png")
 
 
+def plot_waste(rows, out: Path) -> str | None:
+    """Per MoE layer: the experts' diversity (mean pairwise cosine distance of their weights) and the gate's
+    routing entropy (nats): copies under a uniform gate show 0 and log E, the waste of a soft phase."""
+    pts = [r for r in rows if r.get("expert_diversity") is not None]
+    if not pts:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for ax, key, label in (
+        (top, "expert_diversity_layers", "expert diversity"),
+        (bottom, "entropy_layers", "routing entropy (nats)"),
+    ):
+        _shade_phases(ax, rows)
+        series = [(r["step"], r[key]) for r in pts if r.get(key)]
+        for layer in range(len(series[-1][1]) if series else 0):
+            xy = [(s, v[layer]) for s, v in series if len(v) > layer]
+            ax.plot(*zip(*xy), lw=1.2, label=f"MoE layer {layer}")
+        ax.set_ylabel(label)
+    bottom.set_xlabel("step")
+    top.legend(fontsize=7, loc="upper left")
+    return _save(fig, out / "diversity_entropy.png")
+
+
 def eval_table(evals: list[dict]) -> list[str]:
     """Markdown rows of eval.jsonl: step, phase and whatever metrics the task wrote (scalars only)."""
     skip = {"step", "phase", "flops", "tokens"}
@@ -106,6 +128,9 @@ def write_report(out: Path, summary: dict) -> Path:
             plot_series(rows, "experts_per_token", "experts per token", out, "experts_per_token.png")
         )
         images.append(plot_series(rows, "temperature", "gate temperature", out, "temperature.png"))
+        waste = plot_waste(rows, out)
+        if waste:
+            images.append(waste)
         heat = plot_expert_load(rows, out)
         if heat:
             images.append(heat)

@@ -217,8 +217,7 @@ class Trainer:
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
         pre_clip_norms = torch._foreach_norm(grads) if grads else []
         grad_norm = self.par.clip_grad_norm(self.model, params, clip)
-        finite = bool(torch.isfinite(loss + out.aux_loss) and torch.isfinite(grad_norm))
-        flops = self.step_flops(out, local)
+        finite, flops = self.step_scalars(loss + out.aux_loss, grad_norm, out, local)
         finite, flops = self.par.reduce_step(finite, flops, self.stop_requested)  # agreed by all ranks
         if not finite:
             self.skip_step(step, loss, params, pre_clip_norms)
@@ -254,12 +253,18 @@ class Trainer:
                 "the data; the last good checkpoint is kept"
             )
 
-    def step_flops(self, out, local: Batch) -> float:
-        """Training FLOPs executed by this rank's forward + backward (see ``tasks.flops``)."""
-        rows = float(out.ffn_rows) if out.ffn_rows is not None else 0.0
-        routed = sum(float(s.tokens) for s in out.stats) if self.model.spawned else 0.0
+    def step_scalars(self, total_loss, grad_norm, out, local: Batch) -> tuple[bool, float]:
+        """(loss and gradient finite, training FLOPs executed by this rank's forward + backward) with one
+        host sync for the whole step (tests/train/test_budget.py: equal to reading each value alone)."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows = out.ffn_rows if out.ffn_rows is not None else zero
+        routed = [s.tokens for s in out.stats] if self.model.spawned else []
+        finite_t = torch.isfinite(total_loss).all() & torch.isfinite(grad_norm).all()
+        parts = [finite_t, rows, *routed]
+        host = torch.stack([p.to(device=self.device, dtype=torch.float64) for p in parts]).tolist()
         dense = self.task.forward_dense_flops(local)
-        return step_flops(dense, rows, routed, self.cfg.model, self.cfg.moe.num_experts)
+        flops = step_flops(dense, host[1], sum(host[2:]), self.cfg.model, self.cfg.moe.num_experts)
+        return bool(host[0]), flops
 
     # ------------------------------------------------------------------------------------------ eval
     @torch.no_grad()

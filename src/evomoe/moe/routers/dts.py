@@ -61,6 +61,10 @@ class DTSRouter(Router):
             sel_TE = y_TE.detach() > self.cfg.threshold
         return sel_TE, y_TE
 
+    def combine_weights(self, combine_TE: torch.Tensor, sel_TE: torch.Tensor) -> torch.Tensor:
+        """The spec's weights: masked, not renormalised."""
+        return combine_TE * sel_TE
+
     def selects_as_in_training(self, ctx: RouterContext) -> bool:
         return self.training or ctx.gate.train_selection
 
@@ -72,7 +76,7 @@ class DTSRouter(Router):
             sel_TE = sel_TE & ctx.valid_T.unsqueeze(1)
         trains = self.selects_as_in_training(ctx)
         combine_TE = y_TE if (trains and self.cfg.combine == "noisy") else p_TE
-        w_TE = combine_TE * sel_TE
+        w_TE = self.combine_weights(combine_TE, sel_TE)
         fixed_k = None
         if (ctx.gate.hard or not trains) and ctx.valid_T is None:
             # exactly one expert per token: the same pairs without a nonzero (a host sync), fixed k = 1

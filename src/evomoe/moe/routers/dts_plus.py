@@ -9,6 +9,10 @@ non-zero gate start. The paper's gate stays ``dts``; this one is ``dts_plus``.
 - ``gate_std`` > 0: the gate starts N(0, gate_std) instead of ``router.gate_init``: tokens prefer different
   experts from the first step, so copies of one expert receive different gradients (with copies the
   layer's output is unchanged by any gate while every expert is selected).
+- ``normalize``: the combine weights are divided by their sum over the token's selected experts, taken
+  without gradient: the output keeps its scale whatever the selection (copies keep the function under
+  any cap, and the deterministic top-1 evaluation of freshly spawned copies is the dense FFN, weight 1),
+  while the gate still gets the gradient of log p for each selected expert.
 Legend: T tokens, E experts, K the cap.
 """
 
@@ -29,6 +33,7 @@ from .dts import DTSOptions, DTSRouter
 class DTSPlusOptions(DTSOptions):
     cap_start: int = 0  # experts per token allowed at the spawn, falling to 1; 0: no cap (the paper's DTS)
     gate_std: float = 0.0  # > 0: the gate starts N(0, gate_std); 0: router.gate_init
+    normalize: bool = False  # weights / their detached sum over the selected experts (see the module doc)
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
@@ -65,6 +70,12 @@ class DTSPlusRouter(DTSRouter):
         super().__init__(spec)
         if self.cfg.gate_std > 0:
             nn.init.normal_(self.gate.weight, std=self.cfg.gate_std)
+
+    def combine_weights(self, combine_TE: torch.Tensor, sel_TE: torch.Tensor) -> torch.Tensor:
+        w_TE = combine_TE * sel_TE
+        if not self.cfg.normalize:
+            return w_TE
+        return w_TE / w_TE.detach().sum(-1, keepdim=True).clamp_min(1e-20)
 
     def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
         sel_TE, y_TE = super().select(z_TE, ctx)
