@@ -245,25 +245,27 @@ class Parallel:
         W, n = self.world_size, max(interval.steps, 1)
         aux_keys = sorted(interval.aux)
         s = self.stats
-        means = [interval.loss, interval.entropy, interval.grad_norm, *[interval.aux[k] for k in aux_keys]]
+        means = [interval.loss, interval.grad_norm, *[interval.aux[k] for k in aux_keys]]
         sums = [interval.tokens, interval.pairs, interval.dropped, s.a2a_bytes, s.gather_bytes]
         maxes = [interval.max_k, s.a2a_seconds, s.gather_seconds]
         f64 = lambda vals: torch.stack([torch.as_tensor(v).detach().double().cpu().reshape(()) for v in vals])  # noqa: E731
-        v_sum, v_max = f64(means + sums), f64(maxes)
+        entropy_L = torch.as_tensor(interval.entropy).detach().double().cpu().reshape(-1)  # one per MoE layer
+        v_sum, v_max = torch.cat([f64(means + sums), entropy_L]), f64(maxes)
         dist.all_reduce(v_sum)
         dist.all_reduce(v_max, op=dist.ReduceOp.MAX)
         v_sum[: len(means)] /= W
+        interval.entropy = (v_sum[len(means) + len(sums) :] / W).float()
         out = v_sum.float().unbind(0)
-        interval.loss, interval.entropy, interval.grad_norm = out[0], out[1], out[2]
-        interval.aux = {k: out[3 + i] for i, k in enumerate(aux_keys)}
+        interval.loss, interval.grad_norm = out[0], out[1]
+        interval.aux = {k: out[2 + i] for i, k in enumerate(aux_keys)}
         interval.tokens, interval.pairs, interval.dropped = out[len(means) : len(means) + 3]
         interval.max_k = v_max[0].float()
         if interval.counts is not None:
             interval.counts = self._global_counts(interval.counts, spawned and self.ep > 1)
         row = {
-            "a2a_bytes_per_step": float(v_sum[-2]) / n,
+            "a2a_bytes_per_step": float(v_sum[len(means) + 3]) / n,
             "a2a_seconds_per_step": float(v_max[1]) / n,
-            "router_gather_bytes_per_step": float(v_sum[-1]) / n,
+            "router_gather_bytes_per_step": float(v_sum[len(means) + 4]) / n,
             "router_gather_seconds_per_step": float(v_max[2]) / n,
         }
         s.reset()
