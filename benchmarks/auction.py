@@ -7,8 +7,9 @@ orthogonal centroids of gain 0.1), timed interleaved in one process (see common.
 - ``assign``: ``balanced_assignment`` as the router calls it (auction prices, then the exact finish);
 - ``layer``: the MoE layer with the BASE router, forward + backward, D 256, expert F 512 (GELU), fp32;
 - ``auction_only``: the auction alone run to convergence (what BASE used to need; no exact finish).
-Printed: assign / layer and auction_only / assign (medians of per-round ratios), the auction's rounds to
-convergence, and the certified gap of ``assign`` (``duality_gap``; 0 means optimal).
+Printed: the auction rounds ``assign`` ran and the moves its exact finish made, assign / layer and
+auction_only / assign (medians of per-round ratios), the rounds the auction alone needs to converge,
+and the certified gap of ``assign`` (``duality_gap``: an upper bound on optimum - score; 0 = optimal).
 """
 
 from __future__ import annotations
@@ -51,6 +52,24 @@ def auction_to_convergence(a_TE: torch.Tensor) -> int:
     return rounds
 
 
+def rounds_and_moves(a_TE: torch.Tensor) -> tuple[int, int]:
+    """What ``balanced_assignment`` does: auction rounds it ran, and moves left for the exact finish."""
+    T, E = a_TE.shape
+    cap_E, calls, real = auction.balanced_capacities(T, E), [0], auction._auction_round
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    auction._auction_round = counted
+    try:
+        price_E = auction.solve_auction(a_TE, cap_E, auction.default_eps(a_TE), 200, 0.0)
+    finally:
+        auction._auction_round = real
+    load_E = torch.bincount((a_TE - price_E).argmax(1), minlength=E)
+    return calls[0], int((load_E - cap_E).clamp_min(0).sum())
+
+
 def base_layer(E: int) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(D_MODEL, D_FF, "gelu", "auto")
@@ -78,10 +97,13 @@ def case(T: int, E: int, kind: str, rounds: int, device: torch.device) -> dict:
     t = common.interleaved(fns, device, rounds=rounds, baseline="assign")
     got, price = auction.solve_balanced(a_TE)
     gap = auction.duality_gap(a_TE, auction.balanced_capacities(T, E), got, price)
+    rounds, moves = rounds_and_moves(a_TE)
     return {
         "T": T,
         "E": E,
         "scores": kind,
+        "rounds": rounds,
+        "moves": moves,
         "assign ms": t["assign"]["ms"],
         "layer ms": t["layer"]["ms"],
         "assign / layer": 1 / t["layer"]["ratio"],
