@@ -133,7 +133,7 @@ def run_stats(out: Path) -> dict:
     return {
         "experts_per_token": wsum("experts_per_token") if rows else 0.0,
         "dropped_fraction": wsum("dropped_fraction") if rows else 0.0,
-        "entropy": wsum("entropy") if rows else 0.0,
+        "entropy": wsum("entropy") if rows and all("entropy" in r for r in rows) else 0.0,
         "expert_diversity": diversity[-1] if diversity else None,
         "evals": evals,
     }

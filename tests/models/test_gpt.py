@@ -9,7 +9,7 @@ import torch
 from evomoe.config import Config
 from evomoe.evolve import spawn_model
 from evomoe.models import GPT
-from evomoe.moe.routing import GateState
+from evomoe.moe.router import GateState
 
 
 def tiny(n_layers: int = 2, moe_every: int = 1, tie: bool = True, router: str = "dts") -> Config:

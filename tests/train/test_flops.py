@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from evomoe.config import Config
 from evomoe.evolve import spawn_model
 from evomoe.models import GPT
-from evomoe.moe.routing import GateState
+from evomoe.moe.router import GateState
 from evomoe.train.flops import training_flops
 
 
