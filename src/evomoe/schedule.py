@@ -160,10 +160,16 @@ def build_schedules(cfg) -> Schedules:
     t, g, e = cfg.train, cfg.gate, cfg.evolve
     spawn = e.diversify_steps
     dense_to_sparse = ROUTERS.get(cfg.router.name).dense_to_sparse
-    by_flops = g.clock == "flops"
+    by_flops = g.clock == "flops" and t.max_flops > 0
     # FLOPs clock: the hard switch is fixed by ``observe`` when the budget share is reached
     hard_after, hard_flops = (t.steps, g.hard_at * t.max_flops) if by_flops else (g.hard_after, 0.0)
-    tau = TemperatureSchedule(g.tau_max, g.tau_min, g.decay_steps, g.decay, spawn, g.clock)
+    decay_steps = g.decay_steps
+    if g.clock == "flops" and not by_flops:  # no FLOPs budget: the same shares of the step budget
+        decay_end = max(int(round(g.decay_until * t.steps)), spawn + 1)
+        decay_steps = decay_end - spawn
+        hard_after = max(int(round(g.hard_at * t.steps)), decay_end) - spawn
+    clock = "flops" if by_flops else "steps"
+    tau = TemperatureSchedule(g.tau_max, g.tau_min, decay_steps, g.decay, spawn, clock)
     tau.end_flops = g.decay_until * t.max_flops if by_flops else 0.0
     return Schedules(
         lr=LRSchedule(t.lr, t.warmup_steps, t.steps, t.min_lr_ratio, t.max_flops),

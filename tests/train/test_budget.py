@@ -14,7 +14,7 @@ from short_run import short_overrides
 
 from evomoe.compare import equal_budgets, value_at
 from evomoe.config import ConfigError, load_config
-from evomoe.schedule import LRSchedule, PhasePlan, TemperatureSchedule
+from evomoe.schedule import LRSchedule, PhasePlan, TemperatureSchedule, build_schedules
 from evomoe.tasks.flops import step_flops
 from evomoe.train.metrics import read_jsonl
 from evomoe.train.trainer import Trainer
@@ -134,9 +134,15 @@ def test_flops_clock_endpoints():
     assert plan.hard_after == 3
 
 
-def test_flops_clock_needs_a_budget():
-    with pytest.raises(ConfigError, match=r"gate.clock = 'flops'.*train.max_flops"):
-        load_config("tiny", ["--gate.clock=flops"])
+def test_flops_clock_without_a_flops_budget_takes_the_shares_of_the_steps():
+    cfg = load_config("tiny", ["--gate.clock=flops", "--gate.decay_until=0.5", "--gate.hard_at=0.75"])
+    s = build_schedules(cfg)  # tiny: 60 steps, spawn at 16
+    assert (s.tau.clock, s.tau.decay_steps, s.phases.hard_after) == ("steps", 30 - 16, 45 - 16)
+    assert s.tau(30) == pytest.approx(cfg.gate.tau_min) and s.phases.phase(44) == "sparsify"
+    assert s.phases.phase(45) == "sparse"
+
+
+def test_budget_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"gate.hard_at = 0.2"):
         load_config("tiny", ["--gate.clock=flops", "--train.max_flops=1e9", "--gate.hard_at=0.2"])
     with pytest.raises(ConfigError, match=r"eval.router = 'train'.*'topk'"):

@@ -73,7 +73,8 @@ class GateConfig:
     decay_steps: int = 500
     hard_after: int = 600  # steps after the spawn at which a dense-to-sparse gate becomes hard (one way)
     # steps: decay_steps / hard_after count steps after the spawn; flops: the decay ends when the executed
-    # FLOPs reach decay_until * train.max_flops and the gate turns hard at hard_at * train.max_flops
+    # FLOPs reach decay_until * train.max_flops and the gate turns hard at hard_at * train.max_flops (without
+    # a FLOPs budget: at those shares of train.steps, so one method file serves both kinds of budget)
     clock: str = "steps"
     decay_until: float = 0.5
     hard_at: float = 0.6

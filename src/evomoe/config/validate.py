@@ -82,12 +82,6 @@ def _flops_clock(cfg: Any) -> None:
     choice("gate.clock", g.clock, s.GATE_CLOCKS)
     if g.clock != "flops":
         return
-    check(
-        cfg.train.max_flops > 0,
-        "gate.clock",
-        g.clock,
-        "needs a FLOPs budget: set train.max_flops (the decay and the hard switch are shares of it)",
-    )
     check(0.0 < g.decay_until <= 1.0, "gate.decay_until", g.decay_until, "must be in (0, 1]")
     check(
         g.decay_until <= g.hard_at <= 1.0,
