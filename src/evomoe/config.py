@@ -36,10 +36,19 @@ class ModelConfig:
     n_heads: int = 4
     seq_len: int = 128
     d_ff: int = 256  # hidden width of one expert (and of the dense FFN in non-MoE blocks)
-    activation: str = "gelu"  # gelu | relu | swiglu
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | swiglu
     moe_every: int = 1  # block i is an MoE block when (i + 1) % moe_every == 0
     tie_weights: bool = True
     dropout: float = 0.0
+    # gpt2: LayerNorm + learned positions; llama: RMSNorm + rotary positions (pair with activation=swiglu)
+    style: str = "gpt2"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # llama style only
+    n_kv_heads: int = 0  # grouped-query attention: 0 = n_heads
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection
+    mlp_bias: bool = False  # the FFN / every expert
+    init_from: str = ""  # a local Hugging Face model directory: shape, weights and tokenizer come from it
 
 
 @dataclass
@@ -354,7 +363,23 @@ def validate(cfg: Config) -> None:
     _check(
         m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"must be divisible by n_heads={m.n_heads}"
     )
-    _choice("model.activation", m.activation, ["gelu", "relu", "swiglu"])
+    _choice("model.activation", m.activation, ["gelu", "gelu_tanh", "relu", "swiglu"])
+    _choice("model.style", m.style, ["gpt2", "llama"])
+    _check(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
+    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    kv = m.n_kv_heads or m.n_heads
+    _check(
+        m.n_kv_heads >= 0 and m.n_heads % kv == 0,
+        "model.n_kv_heads",
+        m.n_kv_heads,
+        f"must divide n_heads={m.n_heads} (0: n_heads)",
+    )
+    _check(
+        m.style == "gpt2" or (m.d_model // m.n_heads) % 2 == 0,
+        "model.d_model",
+        m.d_model,
+        "rotary positions need an even head width (d_model / n_heads)",
+    )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(cfg.moe.num_experts >= 1, "moe.num_experts", cfg.moe.num_experts, "must be >= 1")
     _choice(

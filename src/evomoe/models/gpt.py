@@ -16,6 +16,7 @@ from torch import nn
 from ..config import ModelConfig, MoEConfig, is_moe_block
 from ..moe.layer import LayerStats, MoELayer
 from ..moe.routing import GateState, RouterContext
+from .layers import Attention, KVCache, make_norm
 
 
 @dataclass
@@ -27,37 +28,20 @@ class GPTOutput:
     stats: list[LayerStats] = field(default_factory=list)  # one per MoE block
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.dropout = cfg.dropout
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B, H, S, D/H
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.is_moe = moe.enabled and is_moe_block(layer_idx, cfg)
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.ln2 = make_norm(cfg)
         impl = moe.experts_impl
-        self.ffn = MoELayer(cfg.d_model, cfg.d_ff, cfg.activation, impl, cfg.n_layers)
+        self.ffn = MoELayer(cfg.d_model, cfg.d_ff, cfg.activation, impl, cfg.n_layers, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BSD: torch.Tensor, ctx: RouterContext):
-        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
+    def forward(self, x_BSD: torch.Tensor, ctx: RouterContext, cache: KVCache | None = None):
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), cache))
         h_BSD, routing, stats = self.ffn(self.ln2(x_BSD), ctx)
         return x_BSD + self.drop(h_BSD), routing, stats
 
@@ -69,9 +53,10 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg, self.moe_cfg = cfg, moe
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        # llama style: rotary positions inside attention, no table
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.style == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, moe, i) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
@@ -98,12 +83,16 @@ class GPT(nn.Module):
         targets_BS: torch.Tensor | None = None,
         gate: GateState | None = None,
         valid_BS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> GPTOutput:
+        """``cache``: decode ``idx_BS`` after the positions it holds (and append theirs to it)."""
         B, S = idx_BS.shape
-        if S > self.cfg.seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.seq_len={self.cfg.seq_len}")
-        pos = torch.arange(S, device=idx_BS.device)
-        x_BSD = self.tok_emb(idx_BS) + self.pos_emb(pos)
+        offset = cache.length if cache is not None else 0
+        if offset + S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {offset + S} exceeds model.seq_len={self.cfg.seq_len}")
+        x_BSD = self.tok_emb(idx_BS)
+        if self.pos_emb is not None:
+            x_BSD = x_BSD + self.pos_emb(torch.arange(offset, offset + S, device=idx_BS.device))
         ctx = RouterContext(
             gate=gate or GateState(),
             token_ids_T=idx_BS.reshape(-1),
@@ -116,7 +105,7 @@ class GPT(nn.Module):
         n_moe = max(len(self.moe_layers()), 1)
         for block in self.blocks:
             ctx.layer_idx = block.layer_idx
-            x_BSD, routing, layer_stats = block(x_BSD, ctx)
+            x_BSD, routing, layer_stats = block(x_BSD, ctx, cache)
             if not block.is_moe:
                 continue
             stats.append(layer_stats)
@@ -127,6 +116,8 @@ class GPT(nn.Module):
                 aux_sum[name] = aux_sum.get(name, 0.0) + value.float() / n_moe
                 if weights.get(name, 0.0):
                     aux_loss = aux_loss + weights[name] * value.float() / n_moe
+        if cache is not None:
+            cache.length += S
         logits = self.lm_head(self.ln_f(x_BSD))
         loss = None
         if targets_BS is not None:
