@@ -34,7 +34,14 @@ def hf_config(family: str, **kw):
     common = dict(vocab_size=VOCAB, tie_word_embeddings=kw.pop("tie", False))
     if family == "gpt2":
         return tf.GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None, **common, **kw
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=None,
+            eos_token_id=None,
+            **common,
+            **kw,
         )
     llama_like = dict(
         hidden_size=32,

@@ -118,4 +118,6 @@ def attend(q_BHSDh, k_BHLDh, v_BHLDh, offset: int, dropout_p: float = 0.0) -> to
     if S == 1:  # one new position sees every cached one
         return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, dropout_p=dropout_p)
     allowed_SL = torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(diagonal=offset)
-    return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, attn_mask=allowed_SL, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(
+        q_BHSDh, k_BHLDh, v_BHLDh, attn_mask=allowed_SL, dropout_p=dropout_p
+    )

@@ -65,6 +65,12 @@ class Router(nn.Module):
         """Coefficient of each aux loss this router returns (names as in ``Routing.aux``)."""
         return {}
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:
+        """Evaluation routing as ``softmax(x W_g)``, top-k, weights renormalised or not: (k, renormalised),
+        the semantics of the Hugging Face MoE classes. ``hard``: the gate's one-way hard flag at the
+        checkpoint. Raises ValueError saying why a router's routing is not of that form."""
+        raise ValueError(f"{type(self).__name__} routing is not a softmax top-k of a linear gate")
+
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:  # pragma: no cover
         raise NotImplementedError
 

@@ -73,7 +73,7 @@ def _rope_theta(data: dict, path: Path) -> float:
     scaling = data.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ConfigError(f"'{path}': rope type '{kind}' is not supported (only the default rotary positions)")
+        raise ConfigError(f"'{path}': rope type '{kind}' is not supported (only default rotary positions)")
     return float(params.get("rope_theta", data.get("rope_theta", 10000.0)))
 
 
@@ -143,7 +143,8 @@ def read_hf_model(directory: str | Path) -> HFModel:
     if family not in FAMILIES:
         archs = data.get("architectures")
         raise ConfigError(
-            f"'{path}': model_type = {family!r} ({archs}) is not supported (choose from: {', '.join(FAMILIES)})"
+            f"'{path}': model_type = {family!r} ({archs}) is not supported "
+            f"(choose from: {', '.join(FAMILIES)})"
         )
     fields = _gpt2(data, path) if family == "gpt2" else _llama_like(data, family, path)
     max_pos = int(data.get("max_position_embeddings") or data.get("n_positions") or 0)

@@ -33,7 +33,8 @@ def read_safetensors(directory: str | Path) -> tuple[dict[str, torch.Tensor], di
     elif (directory / WEIGHTS_FILE).is_file():
         weight_map, files = None, [WEIGHTS_FILE]
     else:
-        extra = " (only PyTorch .bin weights: convert them to safetensors)" if any(directory.glob("*.bin")) else ""
+        bins = any(directory.glob("*.bin"))
+        extra = " (only PyTorch .bin weights: convert them to safetensors)" if bins else ""
         raise ConfigError(f"'{directory}' has no {WEIGHTS_FILE} or {INDEX_FILE}{extra}")
     tensors, source = {}, {}
     for name in files:
@@ -104,7 +105,8 @@ def gpt2_from_hf(r: _Reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for i in range(cfg.n_layers):
         h, o = f"h.{i}.", f"blocks.{i}."
         for mine, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            sd[o + f"{mine}.weight"], sd[o + f"{mine}.bias"] = r(h + theirs + ".weight"), r(h + theirs + ".bias")
+            for kind in ("weight", "bias"):
+                sd[o + f"{mine}.{kind}"] = r(h + f"{theirs}.{kind}")
         sd[o + "attn.qkv.weight"] = r(h + "attn.c_attn.weight").t()  # Conv1D: [in, out]
         sd[o + "attn.qkv.bias"] = r(h + "attn.c_attn.bias")
         sd[o + "attn.proj.weight"] = r(h + "attn.c_proj.weight").t()
@@ -128,8 +130,10 @@ def state_dict_from_hf(
 # ---------------------------------------------------------------------------------------------- export
 
 
-def llama_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, moe_layers: set[int]) -> dict[str, torch.Tensor]:
-    """HF names of the Llama / Qwen2 / Mixtral / Qwen2-MoE families (in memory, as ``state_dict()`` has them).
+def llama_to_hf(
+    sd: dict[str, torch.Tensor], cfg: ModelConfig, moe_layers: set[int]
+) -> dict[str, torch.Tensor]:
+    """HF names of the Llama / Qwen2 / Mixtral / Qwen2-MoE families (in memory, as ``state_dict()``).
 
     Blocks in ``moe_layers`` hold E experts and a gate: written as ``mlp.gate`` and ``mlp.experts`` with
     3-D ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F]."""
@@ -179,7 +183,8 @@ def gpt2_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
     for i in range(cfg.n_layers):
         h, o = f"{t}h.{i}.", f"blocks.{i}."
         for mine, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = sd[o + mine + ".weight"], sd[o + mine + ".bias"]
+            for kind in ("weight", "bias"):
+                out[h + f"{theirs}.{kind}"] = sd[o + f"{mine}.{kind}"]
         out[h + "attn.c_attn.weight"] = sd[o + "attn.qkv.weight"].t()
         out[h + "attn.c_attn.bias"] = sd.get(o + "attn.qkv.bias", zeros(3 * d))
         out[h + "attn.c_proj.weight"] = sd[o + "attn.proj.weight"].t()

@@ -16,6 +16,9 @@ class SoftRouter(Router):
         super().__init__(d_model, num_experts)
         self.gate = LinearGate(d_model, num_experts, resolve_init(cfg.gate_init, "normal"))
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:  # noqa: ARG002
+        return self.num_experts, False  # every expert, softmax weights
+
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         p_TE = torch.softmax(self.gate(x_TD), dim=-1)
         sel_TE = torch.ones_like(p_TE, dtype=torch.bool)
