@@ -164,6 +164,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False
+    tensorboard: bool = False  # also write the metrics as TensorBoard events under RUN/tensorboard
 
 
 @dataclass

@@ -10,19 +10,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-VOCAB = 96
+VOCAB = 300
 WORDS = "def return import class self value print for while with lambda yield"
 
 
 def tiny_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE trained on a few words (its vocabulary is at most ``vocab_size``)."""
+    """A byte-level BPE (all 256 bytes, then merges of a few words; at most ``vocab_size`` ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:64], show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator([WORDS] * 20, trainer=trainer)
     return tok

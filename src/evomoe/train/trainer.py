@@ -19,7 +19,7 @@ import torch
 
 from ..config import Config, to_dict
 from ..data import load_token_data
-from ..models import GPT
+from ..data.tokenizer import TOKENIZER_FILE
 from ..moe.routing import GateState
 from ..parallel.base import NullWriter, make_parallel
 from ..schedule import Schedules, build_schedules
@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .flops import training_flops
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
+from .pretrained import build_model, pretrained_tokenizer, resolve_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -83,8 +84,12 @@ class Trainer:
         self.par = make_parallel(cfg, env or {}, self.device, log)
         self.show_progress = progress and self.par.is_main
         torch.manual_seed(t.seed)
+        resolve_pretrained(cfg)
+        tok, data_cfg = pretrained_tokenizer(cfg)
         self.data = data or self.par.main_first(
-            lambda: load_token_data(cfg.data, cfg.model.seq_len, t.batch_size, env=env or {}, log=log)
+            lambda: load_token_data(
+                data_cfg, cfg.model.seq_len, t.batch_size, env=env or {}, log=log, tokenizer=tok
+            )
         )
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
@@ -94,10 +99,14 @@ class Trainer:
                 f"{self.data.tokenizer.vocab_size} (set it to 0 to take the tokenizer's)"
             )
         self.router_info = self._router_info()
-        self.model = GPT(cfg.model, cfg.moe).to(self.device)
+        self.model = build_model(cfg).to(self.device)
+        if self.par.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.write_bytes_atomic(self.out / TOKENIZER_FILE, self.data.tokenizer.to_json().encode("utf-8"))
         self.schedules: Schedules = build_schedules(cfg)
         self.spawn_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17)
-        if cfg.moe.enabled and cfg.evolve.diversify_steps == 0:
+        # an imported model spawns from its pretrained MLPs at step 0 instead (train_step)
+        if cfg.moe.enabled and cfg.evolve.diversify_steps == 0 and not cfg.model.init_from:
             self.par.fresh_experts(self.model, cfg, self.spawn_gen, self.router_info)
             self.model.to(self.device)
         self.fwd = self.par.wrap(self.model)  # the module called for training forwards (DDP / FSDP / model)
@@ -289,6 +298,7 @@ class Trainer:
             metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
         else:  # every rank computes; rank 0 writes
             metrics, evals = NullWriter(), NullWriter()
+        board = self.tensorboard()
         interval, last = self.interval, None
         bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -308,12 +318,14 @@ class Trainer:
                         row = self.log_row(step, interval, interval_tokens / max(interval_seconds, 1e-9))
                         row.update(comm)
                         metrics.write(row)
+                        board.write(row)
                         bar.update(done, row)
                         interval.reset()
                         interval_seconds, interval_tokens = 0.0, 0
                     if done % t.eval_every == 0 or done == t.steps:
                         last = self.evaluate()
                         evals.write(last)
+                        board.write_eval(last)
                         bar.note(f"step {done}: val_loss {last['val_loss']:.4f}  ppl {last['val_ppl']:.2f}")
                     # with several ranks, the stop request agreed at this step (a signal may reach one rank)
                     stop = self.par.agreed_stop(self.stop_requested)
@@ -326,9 +338,21 @@ class Trainer:
         finally:
             metrics.close()
             evals.close()
+            board.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return {"stopped": self.stop_requested, "step": self.state.step, "eval": last}
+
+    def tensorboard(self):
+        """The TensorBoard sink (``train.tensorboard``; rank 0 only), else one that writes nothing."""
+        if not (self.cfg.train.tensorboard and self.par.is_main):
+            return _NoBoard()
+        from .tensorboard import TensorBoardSink  # noqa: PLC0415 - optional dependency
+
+        try:
+            return TensorBoardSink(self.out / "tensorboard")
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
 
     def log_row(self, step: int, interval: IntervalStats, tokens_per_s: float) -> dict:
         row = {
@@ -347,6 +371,16 @@ class Trainer:
             train_seconds=self.state.train_seconds,
         )
         return row
+
+
+class _NoBoard:
+    def write(self, row: dict) -> None:
+        pass
+
+    write_eval = write
+
+    def close(self) -> None:
+        pass
 
 
 def resumable_checkpoint(out_dir: Path, log: Callable[[str], None] = print) -> Path | None:
