@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..config import Config, to_toml
+from ..data.tokenizer import TOKENIZER_FILE
 from .checkpoint import write_bytes_atomic
 from .metrics import truncate_jsonl
 from .trainer import Trainer, resumable_checkpoint
@@ -33,6 +34,8 @@ def run_training(
             truncate_jsonl(out / name, 0)
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
+    # the run's tokenizer, for ``evomoe generate`` and ``evomoe export``
+    write_bytes_atomic(out / TOKENIZER_FILE, trainer.data.tokenizer.to_json().encode("utf-8"))
     result = trainer.run()
     if result["stopped"]:
         return None

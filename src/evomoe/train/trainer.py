@@ -19,7 +19,6 @@ import torch
 
 from ..config import Config, to_dict
 from ..data import load_token_data
-from ..data.tokenizer import TOKENIZER_FILE
 from ..moe.routing import GateState
 from ..parallel.base import NullWriter, make_parallel
 from ..schedule import Schedules, build_schedules
@@ -100,9 +99,6 @@ class Trainer:
             )
         self.router_info = self._router_info()
         self.model = build_model(cfg).to(self.device)
-        if self.par.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.write_bytes_atomic(self.out / TOKENIZER_FILE, self.data.tokenizer.to_json().encode("utf-8"))
         self.schedules: Schedules = build_schedules(cfg)
         self.spawn_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17)
         # an imported model spawns from its pretrained MLPs at step 0 instead (train_step)
