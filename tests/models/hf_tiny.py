@@ -59,6 +59,8 @@ def hf_config(family: str, **kw):
     llama_like.update(kw)
     if family == "qwen2":
         return tf.Qwen2Config(rope_theta=1e6, **llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(rope_theta=1e4, sliding_window=4096, **llama_like)
     return tf.LlamaConfig(rope_theta=5e4, **llama_like)
 
 
@@ -68,7 +70,8 @@ def save_tiny(family: str, directory: Path, seed: int = 0, **kw) -> Path:
 
     torch.manual_seed(seed)
     cfg = hf_config(family, **kw)
-    model = {"gpt2": tf.GPT2LMHeadModel, "qwen2": tf.Qwen2ForCausalLM}.get(family, tf.LlamaForCausalLM)(cfg)
+    classes = {"gpt2": tf.GPT2LMHeadModel, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM}
+    model = classes.get(family, tf.LlamaForCausalLM)(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:

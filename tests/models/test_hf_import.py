@@ -24,6 +24,7 @@ FAMILIES = {
     "llama": {},
     "llama_tied_bias": {"family": "llama", "tie": True, "attention_bias": True, "mlp_bias": True},
     "qwen2": {},
+    "mistral": {},
     "gpt2": {},
 }
 
