@@ -242,7 +242,8 @@ def cmd_export(args, extra: list[str]) -> int:
         print("warning: the run has no tokenizers-library tokenizer: exported without one", file=sys.stderr)
         hf_json = None
     out = write_export(plan, args.out, hf_json() if hf_json else None)
-    print(f"exported step {run.step} ({run.phase}) as {plan.model_type} to {out}")
+    kind = run.phase if run.model.spawned else "dense"
+    print(f"exported step {run.step} ({kind}) as {plan.model_type} to {out}")
     return 0
 
 
