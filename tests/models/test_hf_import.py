@@ -16,7 +16,7 @@ from evomoe.evolve import spawn_model  # noqa: E402
 from evomoe.models import GPT  # noqa: E402
 from evomoe.models.hf.config import resolve_model_config  # noqa: E402
 from evomoe.models.hf.load import load_pretrained_weights  # noqa: E402
-from evomoe.moe.routing import GateState  # noqa: E402
+from evomoe.moe.router import GateState  # noqa: E402
 
 from .hf_tiny import VOCAB, hf_logits, save_tiny  # noqa: E402
 

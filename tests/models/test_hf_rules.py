@@ -41,7 +41,8 @@ def test_transformers_is_imported_lazily_and_only_by_export():
 
 def test_tokenizer_larger_than_the_embedding_is_an_error(tmp_path):
     from evomoe.config import Config
-    from evomoe.train.pretrained import pretrained_tokenizer, resolve_pretrained
+    from evomoe.tasks.lm import model_tokenizer as pretrained_tokenizer
+    from evomoe.train.pretrained import resolve_pretrained
 
     pytest.importorskip("transformers")
     from .hf_tiny import save_tiny, tiny_tokenizer

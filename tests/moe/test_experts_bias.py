@@ -9,7 +9,7 @@ import torch
 
 from evomoe.moe.experts import Experts
 from evomoe.moe.layer import MoELayer
-from evomoe.moe.routing import GateState, RouterContext
+from evomoe.moe.router import GateState, RouterContext
 
 
 def biased(E: int, activation: str, impl: str) -> Experts:

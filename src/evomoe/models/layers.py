@@ -1,6 +1,7 @@
-"""Decoder building blocks in the two styles the ecosystem serves: GPT-2 (LayerNorm, learned positions) and
-Llama (RMSNorm, rotary positions, grouped-query attention); biases are options (GPT-2 has them all, Qwen2
-only on q/k/v). A key-value cache makes incremental decoding cost one position per step.
+"""Pieces of the two decoder styles the ecosystem serves: GPT-2 (LayerNorm, learned positions) and Llama
+(RMSNorm, rotary positions; with grouped-query attention in ``blocks.Attention``). Biases are options
+(GPT-2 has them all, Qwen2 only on q/k/v). A key-value cache makes incremental decoding cost one
+position per step.
 
 Legend: B batch, S new positions, L cached + new positions, D width, H query heads, K key/value heads,
 Dh head width.
@@ -74,47 +75,9 @@ class KVCache:
         return k_BKSDh, v_BKSDh
 
 
-class Attention(nn.Module):
-    """Causal multi-head attention with optional grouped-query heads, rotary positions and biases."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.rotary = cfg.style == "llama"
-        self.theta, self.layer_idx = cfg.rope_theta, layer_idx
-        kv_width = self.n_kv * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_width, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.out_bias)
-        self.dropout = cfg.dropout
-
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        kv_width = self.n_kv * self.head_dim
-        q, k, v = self.qkv(x_BSD).split([D, kv_width, kv_width], dim=-1)
-        q_BHSDh = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKSDh = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        v_BKSDh = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        offset = cache.length if cache is not None else 0
-        if self.rotary:
-            pos_S = torch.arange(offset, offset + S, device=x_BSD.device)
-            cos, sin = rotary_cos_sin(pos_S, self.head_dim, self.theta)
-            q_BHSDh, k_BKSDh = apply_rotary(q_BHSDh, cos, sin), apply_rotary(k_BKSDh, cos, sin)
-        if cache is not None:
-            k_BKSDh, v_BKSDh = cache.extend(self.layer_idx, k_BKSDh, v_BKSDh)
-        if self.n_kv != self.n_heads:  # each key/value head serves n_heads / n_kv consecutive query heads
-            rep = self.n_heads // self.n_kv
-            k_BKSDh, v_BKSDh = k_BKSDh.repeat_interleave(rep, 1), v_BKSDh.repeat_interleave(rep, 1)
-        p = self.dropout if self.training else 0.0
-        y = attend(q_BHSDh, k_BKSDh, v_BKSDh, offset, p)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
-
-
-def attend(q_BHSDh, k_BHLDh, v_BHLDh, offset: int, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention of S new queries at positions offset.. over L = offset + S keys."""
+def attend_cached(q_BHSDh, k_BHLDh, v_BHLDh, offset: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of S new queries at positions offset.. (> 0) over L = offset + S keys."""
     S, L = q_BHSDh.shape[2], k_BHLDh.shape[2]
-    if offset == 0:
-        return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, is_causal=True, dropout_p=dropout_p)
     if S == 1:  # one new position sees every cached one
         return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, dropout_p=dropout_p)
     allowed_SL = torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(diagonal=offset)

@@ -11,14 +11,15 @@ import torch
 from ..config import Config, config_from_dict
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..evolve import spawn_model
-from ..models import GPT
+from ..registry import ROUTERS
 from ..schedule import Schedules
 from . import checkpoint as ckpt
+from .trainer import model_class
 
 
 @dataclass
 class LoadedRun:
-    model: GPT  # in eval mode, on the CPU
+    model: torch.nn.Module  # the run's model, in eval mode, on the CPU
     cfg: Config
     step: int
     phase: str  # diversify | sparsify | sparse at the checkpoint's last step
@@ -47,12 +48,11 @@ def load_run(path: str | Path) -> LoadedRun:
     cfg = config_from_dict(state["config"])
     cfg.model.init_from = ""  # the checkpoint holds every weight: the source directory is not needed
     cfg.parallel.ep = 1
-    model = GPT(cfg.model, cfg.moe)
+    model = model_class(cfg)(cfg.model, cfg.moe)
     if state["spawned"]:
-        schedules = Schedules.from_state_dict(state["schedules"])
-        info = {"vocab_size": cfg.model.vocab_size, "stage2_step": schedules.stage2_step}
-        if cfg.router.name == "hash":
-            info["token_counts"] = torch.ones(cfg.model.vocab_size, dtype=torch.long)  # the map is loaded
+        info = {"vocab_size": cfg.model.vocab_size}
+        if "token_counts" in ROUTERS.get(cfg.router.name).needs:  # what they build is in the checkpoint
+            info["token_counts"] = torch.ones(cfg.model.vocab_size, dtype=torch.long)
         spawn_model(model, cfg, torch.Generator().manual_seed(0), **info)
     ckpt.load_weights(model, ck)
     schedules = Schedules.from_state_dict(state["schedules"])

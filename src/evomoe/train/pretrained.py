@@ -1,20 +1,17 @@
-"""Start from a Hugging Face model directory (``model.init_from``): its shape, weights and tokenizer.
+"""Start from a Hugging Face model directory (``model.init_from``): its shape and weights.
 
-The model's shape comes from ``DIR/config.json`` (explicit contradictions are errors), the data pipeline
-tokenizes the corpus with ``DIR/tokenizer.json`` (the token cache is keyed by that file's hash), and every
-FFN starts as an MoE layer holding the pretrained MLP as its one expert.
+The model's shape comes from ``DIR/config.json`` (explicit contradictions are errors) and every FFN starts
+as an MoE layer holding the pretrained MLP as its one expert. The LM task tokenizes the corpus with the
+model's own ``DIR/tokenizer.json`` (``tasks.lm.model_tokenizer``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+from ..config import Config, ConfigError
+from ..models.hf.config import resolve_model_config
+from ..models.hf.load import load_pretrained_weights
 
-from ..config import Config, ConfigError, DataConfig
-from ..data.tokenizer import PretrainedTokenizer, Tokenizer
-from ..models import GPT
-from ..models.hf.config import CONFIG_FILE, resolve_model_config
-from ..models.hf.load import check_tokenizer_fits, load_pretrained_weights, tokenizer_path
+IMPORTABLE_MODELS = ("decoder",)  # the models whose parameters the Hugging Face adapters map
 
 
 def resolve_pretrained(cfg: Config) -> None:
@@ -23,24 +20,14 @@ def resolve_pretrained(cfg: Config) -> None:
         cfg.model = resolve_model_config(cfg.model)
 
 
-def pretrained_tokenizer(cfg: Config) -> tuple[Tokenizer | None, DataConfig]:
-    """The model's tokenizer and the data config naming it (None and ``cfg.data`` without init_from)."""
-    directory = cfg.model.init_from
-    if not directory:
-        return None, cfg.data
-    path = tokenizer_path(directory, cfg.model.vocab_size)
-    try:
-        tok = PretrainedTokenizer.from_file(path)
-    except ValueError as e:
-        raise ConfigError(f"model.init_from: {e}") from None
-    check_tokenizer_fits(path, tok.vocab_size, cfg.model.vocab_size, path.parent / CONFIG_FILE)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return tok, dataclasses.replace(cfg.data, tokenizer=f"pretrained:{digest}")
-
-
-def build_model(cfg: Config) -> GPT:
-    """The decoder of ``cfg``; with ``model.init_from``, holding the pretrained weights."""
-    model = GPT(cfg.model, cfg.moe)
+def build_model(cfg: Config, cls: type):
+    """``cls(cfg.model, cfg.moe)``; with ``model.init_from``, holding the pretrained weights."""
+    model = cls(cfg.model, cfg.moe)
     if cfg.model.init_from:
+        if getattr(cls, "kind", "") not in IMPORTABLE_MODELS:
+            raise ConfigError(
+                f"model.init_from: a {cls.__name__} cannot hold a Hugging Face decoder "
+                f"(model.name must be one of: {', '.join(IMPORTABLE_MODELS)})"
+            )
         load_pretrained_weights(model, cfg.model.init_from)
     return model

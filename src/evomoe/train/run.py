@@ -34,24 +34,26 @@ def run_training(
             truncate_jsonl(out / name, 0)
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
-    # the run's tokenizer, for ``evomoe generate`` and ``evomoe export``
-    write_bytes_atomic(out / TOKENIZER_FILE, trainer.data.tokenizer.to_json().encode("utf-8"))
+    # the run's tokenizer (tasks with one), for ``evomoe generate`` and ``evomoe export``
+    tokenizer = getattr(getattr(trainer.task, "data", None), "tokenizer", None)
+    if tokenizer is not None:
+        write_bytes_atomic(out / TOKENIZER_FILE, tokenizer.to_json().encode("utf-8"))
     result = trainer.run()
     if result["stopped"]:
         return None
     final = result["eval"] or trainer.evaluate()
     summary = {
+        "task": cfg.task.name,
         "router": cfg.router.name if cfg.moe.enabled else "dense",
         "seed": cfg.train.seed,
         "steps": trainer.state.step,
-        "val_loss": final["val_loss"],
-        "val_ppl": final["val_ppl"],
-        "val_bpb": final["val_bpb"],
+        **{k: final[k] for k in trainer.task.metric_names},
         "train_flops": trainer.state.flops,
         "tokens": trainer.state.tokens,
         "train_seconds": trainer.state.train_seconds,
         "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
         "skipped_steps": trainer.state.skipped_total,
+        "headline": trainer.task.summary(final),
     }
     write_bytes_atomic(out / "results.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
     from .report import write_report  # noqa: PLC0415 - matplotlib only once training is done (fast start)

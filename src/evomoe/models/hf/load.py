@@ -43,8 +43,8 @@ def load_pretrained_weights(model: nn.Module, directory: str | Path) -> None:
             own[name].copy_(value)
 
 
-def tokenizer_path(directory: str | Path, vocab_size: int) -> Path:
-    """``DIR/tokenizer.json``, checked to fit the embedding (``vocab_size`` rows); errors name the file."""
+def tokenizer_path(directory: str | Path) -> Path:
+    """``DIR/tokenizer.json``; ConfigError naming it when it is missing."""
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
     if not path.is_file():
