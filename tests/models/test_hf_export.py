@@ -64,10 +64,11 @@ def test_native_dense_export(style, tmp_path):
     assert plan.model_type == {"llama": "llama", "gpt2": "gpt2"}[style]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_top1_moe_exports_to_qwen2_moe(family, tmp_path):
+@pytest.mark.parametrize("family,router", [("llama", "dts"), ("qwen2", "dts"), ("llama", "topk")])
+def test_top1_moe_exports_to_qwen2_moe(family, router, tmp_path):
+    """DTS (hard phase / evaluation) and Switch: weight = softmax probability of the argmax expert."""
     src = save_tiny(family, tmp_path / "src")
-    model = spawned(imported(src, moe_every=2))
+    model = spawned(imported(src, moe_every=2), router=router, k=1)
     plan = roundtrip(model, tmp_path / "out", hard=True)
     assert plan.model_type == "qwen2_moe"
     assert plan.config["num_experts_per_tok"] == 1 and not plan.config["norm_topk_prob"]
