@@ -70,6 +70,7 @@ def model_tokenizer(cfg: Any) -> tuple[Tokenizer | None, DataConfig]:
 @TASKS.register("lm")
 class LMTask(Task):
     model_kinds = ("decoder",)
+    default_model = "decoder"
     metric_names = ("val_loss", "val_ppl", "val_bpb")
     headline = (
         ("val_loss", "validation loss", ".4f"),
