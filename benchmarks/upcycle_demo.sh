@@ -11,7 +11,7 @@ EVOMOE=${EVOMOE:-.venv/bin/evomoe}
 PY=${PY:-.venv/bin/python}
 DENSE_STEPS=${DENSE_STEPS:-600}
 EXTRA_STEPS=${EXTRA_STEPS:-400}
-COMMON=(--no-progress --train.threads=${THREADS:-1} --data.max_bytes=1000000 --train.batch_size=16
+COMMON=(--no-progress --train.threads=${THREADS:-1} --data.max_bytes=${MAX_BYTES:-1000000} --train.batch_size=16
   --train.eval_every=100 --train.eval_batches=16 --train.log_every=20 --train.ckpt_every=100 --train.lr=3e-3)
 SHAPE=(--model.style=llama --model.activation=swiglu --model.d_model=64 --model.n_layers=4 --model.n_heads=4
   --model.n_kv_heads=2 --model.d_ff=128 --model.seq_len=64)
