@@ -105,6 +105,17 @@ def byte_level_map() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
+def encode_chunked(tok: hf.Tokenizer, text: str, dtype: type = np.int64) -> np.ndarray:
+    """Ids of ``text`` without special tokens, encoded in chunks (bounded memory)."""
+    chunks = list(iter_chunks(text))
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    parts: list[np.ndarray] = []
+    for i in range(0, len(chunks), ENCODE_BATCH):
+        for enc in encode_batch(chunks[i : i + ENCODE_BATCH], add_special_tokens=False):
+            parts.append(np.asarray(enc.ids, dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
 class BPETokenizer:
     """A byte-level BPE (``tokenizers`` library) with no special tokens and no added prefix space."""
 
@@ -149,13 +160,7 @@ class BPETokenizer:
         return self._token_bytes
 
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
-        chunks = list(iter_chunks(text))
-        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        parts: list[np.ndarray] = []
-        for i in range(0, len(chunks), ENCODE_BATCH):
-            for enc in encode_batch(chunks[i : i + ENCODE_BATCH], add_special_tokens=False):
-                parts.append(np.asarray(enc.ids, dtype=dtype))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        return encode_chunked(self._tok, text, dtype)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
@@ -197,7 +202,7 @@ class PretrainedTokenizer:
         return self._token_bytes
 
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
-        return BPETokenizer.encode(self, text, dtype)  # type: ignore[arg-type]
+        return encode_chunked(self._tok, text, dtype)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
