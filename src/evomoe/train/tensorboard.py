@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import ConfigError
+
 SCALARS = {
     "train/loss": "loss",
     "train/lr": "lr",
@@ -28,7 +30,7 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
         except ImportError:
-            raise RuntimeError(
+            raise ConfigError(
                 "train.tensorboard = true needs the tensorboard package (pip install tensorboard)"
             ) from None
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -71,3 +73,20 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NullSink:
+    """What a run without ``train.tensorboard`` (or a rank other than 0) writes: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def write_eval(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_sink(enabled: bool, log_dir: str | Path) -> TensorBoardSink | NullSink:
+    return TensorBoardSink(log_dir) if enabled else NullSink()

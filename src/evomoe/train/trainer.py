@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
 from .pretrained import build_model, resolve_pretrained
+from .tensorboard import open_sink
 
 
 class TrainingError(RuntimeError):
@@ -307,7 +308,7 @@ class Trainer:
             metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
         else:  # every rank computes; rank 0 writes
             metrics, evals = NullWriter(), NullWriter()
-        board = self.tensorboard()
+        board = open_sink(self.cfg.train.tensorboard and self.par.is_main, self.out / "tensorboard")
         interval, last = self.interval, None
         bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -353,17 +354,6 @@ class Trainer:
                 signal.signal(s, h)
         return {"stopped": self.stop_requested, "step": self.state.step, "eval": last}
 
-    def tensorboard(self):
-        """The TensorBoard sink (``train.tensorboard``; rank 0 only), else one that writes nothing."""
-        if not (self.cfg.train.tensorboard and self.par.is_main):
-            return _NoBoard()
-        from .tensorboard import TensorBoardSink  # noqa: PLC0415 - optional dependency
-
-        try:
-            return TensorBoardSink(self.out / "tensorboard")
-        except RuntimeError as e:
-            raise TrainingError(str(e)) from None
-
     def log_row(self, step: int, interval: IntervalStats, tokens_per_s: float) -> dict:
         row = {
             "step": step + 1,
@@ -381,16 +371,6 @@ class Trainer:
             train_seconds=self.state.train_seconds,
         )
         return row
-
-
-class _NoBoard:
-    def write(self, row: dict) -> None:
-        pass
-
-    write_eval = write
-
-    def close(self) -> None:
-        pass
 
 
 def resumable_checkpoint(out_dir: Path, log: Callable[[str], None] = print) -> Path | None:
