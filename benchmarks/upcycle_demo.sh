@@ -27,6 +27,9 @@ $EVOMOE export $OUT/dense --out $OUT/dense_hf
 # 3. import it back and upcycle it (every second MLP becomes 4 experts, copy spawn, DTS, hard top-1)
 $EVOMOE train upcycle "${COMMON[@]}" "${EVO[@]}" --model.init_from=$OUT/dense_hf --model.seq_len=64 \
   --train.steps=$EXTRA_STEPS --out $OUT/moe --overwrite
+# 3b. the same upcycling with a renormalised top-2 router (Switch-style aux loss, no soft phase)
+$EVOMOE train upcycle "${COMMON[@]}" "${EVO[@]}" --router.name=topk --router.topk.k=2 \
+  --model.init_from=$OUT/dense_hf --model.seq_len=64 --train.steps=$EXTRA_STEPS --out $OUT/moe_top2 --overwrite
 # 4. the baseline at equal extra tokens: continue the dense model
 $EVOMOE train upcycle "${COMMON[@]}" --moe.enabled=false --model.init_from=$OUT/dense_hf --model.seq_len=64 \
   --train.steps=$EXTRA_STEPS --out $OUT/dense_more --overwrite
@@ -48,6 +51,6 @@ ids = tok("def main(", return_tensors="pt", add_special_tokens=False).input_ids
 out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
 print(type(model).__name__, repr(tok.decode(out[0])))
 PY
-for r in dense moe dense_more moe_scratch dense_scratch; do
+for r in dense moe moe_top2 dense_more moe_scratch dense_scratch; do
   printf '%-12s ' $r; $PY -c "import json,sys; r=json.load(open('$OUT/$r/results.json')); print(r['steps'], round(r['val_loss'],4), round(r['val_bpb'],4), '%.3g' % r['train_flops'], round(r['train_seconds']))"
 done
