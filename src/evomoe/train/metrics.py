@@ -5,7 +5,7 @@ temperature, experts_per_token (mean over MoE layers and tokens), max_experts_pe
 dropped_fraction, load_cv (coefficient of variation of tokens per expert, mean over MoE layers),
 entropy (routing entropy, nats; entropy_layers: per MoE layer), tokens_per_expert (per MoE layer,
 fractions), tokens_per_s, flops (cumulative training FLOPs actually executed), tokens (cumulative),
-grad_norm, skipped_steps. The trainer adds expert_diversity and expert_diversity_layers (train/diversity.py).
+grad_norm, skipped_steps. The trainer adds expert_diversity and expert_diversity_layers (train/readout.py).
 """
 
 from __future__ import annotations

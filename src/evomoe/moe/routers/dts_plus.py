@@ -71,6 +71,10 @@ class DTSPlusRouter(DTSRouter):
         if self.cfg.gate_std > 0:
             nn.init.normal_(self.gate.weight, std=self.cfg.gate_std)
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:
+        k, _ = super().export_routing(hard)
+        return k, self.cfg.normalize  # normalised top-1: weight 1
+
     def combine_weights(self, combine_TE: torch.Tensor, sel_TE: torch.Tensor) -> torch.Tensor:
         w_TE = combine_TE * sel_TE
         if not self.cfg.normalize:
