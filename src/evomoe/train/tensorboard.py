@@ -20,6 +20,7 @@ SCALARS = {
     "moe/load_cv": "load_cv",
     "moe/dropped_fraction": "dropped_fraction",
     "moe/routing_entropy": "entropy",
+    "moe/expert_diversity": "expert_diversity",
     "train/grad_norm": "grad_norm",
     "train/tokens_per_s": "tokens_per_s",
 }
