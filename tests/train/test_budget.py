@@ -206,3 +206,14 @@ def test_fused_adamw_matches_foreach():
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_router_train_writes_both_evaluations(tmp_path, evomoe_cache):
+    over = {"train__max_flops": 0.0, "gate__clock": "steps", "train__steps": 8, "eval__router": "train"}
+    trainer = train(budget_cfg(**over), tmp_path, {"EVOMOE_CACHE": str(evomoe_cache)})
+    evals = read_jsonl(tmp_path / "eval.jsonl")  # step 4: diversify; step 8: the soft phase (cap 3)
+    assert [e["step"] for e in evals] == [4, 8]
+    assert evals[0]["val_loss"] == evals[0]["val_loss_top1"]  # one dense FFN: the same model either way
+    assert evals[1]["val_loss"] != evals[1]["val_loss_top1"] and evals[1]["experts_per_token"] > 1
+    again = trainer.evaluate()  # the training selection is drawn from a fixed seed: repeatable
+    assert again["val_loss"] == evals[1]["val_loss"] and again["val_loss_top1"] == evals[1]["val_loss_top1"]

@@ -187,3 +187,16 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"checkpoint '{path}' does not fit this model (missing: {sorted(missing)[:4]}, "
             f"unexpected: {sorted(unexpected)[:4]}): was it written with another config?"
         )
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -25,6 +25,7 @@ from ..schedule import Schedules, build_schedules
 from ..tasks.base import Batch, EvalContext
 from ..tasks.flops import step_flops
 from . import checkpoint as ckpt
+from .checkpoint import rng_state, set_rng_state
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
 from .pretrained import build_model, resolve_pretrained
@@ -52,19 +53,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device = 'cuda' but no CUDA device is available (use 'cpu' or 'auto')")
     return torch.device(name)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def build_task(cfg: Config, env: Mapping[str, str], log: Callable[[str], None], data=None):
@@ -266,20 +254,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """The task's metrics on its validation set, plus the phase, experts per token and counters. Leaves
-        the RNG as it found it (evaluation draws nothing the training run would see)."""
-        saved_rng = rng_state()
-        self.model.eval()
+        """The task's metrics on its validation set, plus the phase, experts per token and counters; with
+        ``eval.router = "train"`` the training selection's, and beside them the deterministic top-1's
+        (suffixed ``_top1``)."""
         step = max(self.state.step - 1, 0)
         train_selection = self.cfg.eval.router == "train"
+        metrics, per_token = self.eval_pass(step, train_selection)
+        if train_selection:
+            top1, _ = self.eval_pass(step, False)
+            metrics.update({f"{k}_top1": v for k, v in top1.items()})
+        return {
+            "step": self.state.step,
+            "phase": self.schedules.phases.phase(step),
+            **metrics,
+            "experts_per_token": per_token,
+            "flops": self.state.flops,
+            "tokens": self.state.tokens,
+        }
+
+    def eval_pass(self, step: int, train_selection: bool) -> tuple[dict, float]:
+        """(the task's metrics, experts per token) of one pass over the validation set. Leaves the RNG as it
+        found it (evaluation draws nothing the training run would see)."""
+        saved_rng = rng_state()
+        self.model.eval()
         if train_selection:  # the same draws at every evaluation, whatever the training RNG holds
             torch.manual_seed(self.cfg.train.seed + 7919)
         routed = [0.0, 0.0]  # sum over batches of (mean experts/token over MoE layers) * tokens, tokens
+        gate = self.gate_state(step, train_selection)
 
         def forward(batch: Batch):
             local = self.local(batch)
             with self.autocast():
-                out = self.model(**local.inputs, gate=self.gate_state(step, train_selection))
+                out = self.model(**local.inputs, gate=gate)
             if out.stats:
                 tokens = sum(float(s.tokens) for s in out.stats) / len(out.stats)
                 per_token = [float(s.pairs) / max(float(s.tokens), 1.0) for s in out.stats]
@@ -288,7 +294,7 @@ class Trainer:
             return out, local
 
         main = self.par.is_main
-        gate, out_dir = self.gate_state(step, train_selection), self.out if main else None
+        out_dir = self.out if main else None
         ctx = EvalContext(
             forward, self.par.sum_floats, self.model, gate, self.device, self.state.step, out_dir, main
         )
@@ -298,14 +304,7 @@ class Trainer:
             self.model.train()
             set_rng_state(saved_rng)
         pairs, tokens = self.par.sum_floats(routed)
-        return {
-            "step": self.state.step,
-            "phase": self.schedules.phases.phase(step),
-            **metrics,
-            "experts_per_token": pairs / tokens if tokens else 1.0,
-            "flops": self.state.flops,
-            "tokens": self.state.tokens,
-        }
+        return metrics, pairs / tokens if tokens else 1.0
 
     # ------------------------------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
