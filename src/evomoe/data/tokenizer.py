@@ -169,6 +169,54 @@ class BPETokenizer:
         return path
 
 
+SPECIALS = ("<pad>", "<mask>", "<s>", "</s>")
+
+
+class SpecialTokens:
+    """A tokenizer plus the special tokens ``<pad>``, ``<mask>``, ``<s>``, ``</s>`` (masked LM, translation).
+
+    The specials take the ids just past the base vocabulary, so the base ids (and the LM's token cache)
+    are unchanged. Text never encodes to a special (``"<pad>"`` in a text is its ordinary pieces); the
+    specials stand for no bytes and ``decode`` leaves them out. Works the same over bytes and BPE.
+    """
+
+    def __init__(self, base: Tokenizer) -> None:
+        self.base = base
+        self.kind = base.kind
+        n = base.vocab_size
+        self.pad_id, self.mask_id, self.bos_id, self.eos_id = n, n + 1, n + 2, n + 3
+
+    @property
+    def num_normal(self) -> int:
+        """Ids [0, num_normal) are text pieces; the specials follow."""
+        return self.base.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + len(SPECIALS)
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return np.concatenate([self.base.token_bytes, np.zeros(len(SPECIALS), dtype=np.int64)])
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
+        return self.base.encode(text, dtype)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.base.decode(ids[ids < self.num_normal])
+
+    def to_json(self) -> str:
+        return (
+            json.dumps({"kind": "specials", "specials": list(SPECIALS), "base": self.base.to_json()}) + "\n"
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+
 def train_tokenizer(kind: str, train_text: str, vocab_size: int) -> Tokenizer:
     """A tokenizer of ``kind`` (``data.tokenizer``), trained on the training text when it is a BPE."""
     if kind == "bytes":
@@ -185,8 +233,16 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot load tokenizer '{path}': {e}") from None
+    return tokenizer_from_json(data, path)
+
+
+def tokenizer_from_json(data: object, path: str | Path = "<json>") -> Tokenizer:
     if isinstance(data, dict) and data.get("kind") == "bytes":
         return ByteTokenizer()
+    if isinstance(data, dict) and data.get("kind") == "specials":
+        if tuple(data.get("specials", ())) != SPECIALS:
+            raise ValueError(f"cannot load tokenizer '{path}': special tokens {data.get('specials')}")
+        return SpecialTokens(tokenizer_from_json(json.loads(data["base"]), path))
     try:
         return BPETokenizer(hf.Tokenizer.from_str(json.dumps(data)))
     except Exception as e:  # the Rust side raises plain Exception on malformed files
