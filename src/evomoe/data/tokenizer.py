@@ -78,6 +78,10 @@ class ByteTokenizer:
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
 
+    def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
+        """Each line's ids (short texts: sentences of a parallel corpus)."""
+        return [self.encode(line) for line in lines]
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
@@ -157,6 +161,13 @@ class BPETokenizer:
                 parts.append(np.asarray(enc.ids, dtype=dtype))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
+    def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
+        """Each line's ids, in one batched call (short texts: sentences of a parallel corpus)."""
+        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [
+            np.asarray(e.ids, dtype=np.int64) for e in encode_batch(list(lines), add_special_tokens=False)
+        ]
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
 
@@ -201,6 +212,9 @@ class SpecialTokens:
 
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
         return self.base.encode(text, dtype)
+
+    def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
+        return self.base.encode_lines(lines)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         ids = np.asarray(ids, dtype=np.int64)
