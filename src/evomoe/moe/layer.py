@@ -15,7 +15,7 @@ from ..ops.permute import count_per_bin
 from .dispatcher import LocalDispatcher
 from .experts import Experts, activate
 from .losses import entropy_T
-from .routing import Router, RouterContext, Routing
+from .router import Router, RouterContext, Routing
 
 
 @dataclass
