@@ -13,28 +13,18 @@ V = 23
 def tiny_cfg(router: str = "dts", experts: int = 4, moe_every: int = 1) -> Config:
     cfg = Config()
     m = cfg.model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len, m.d_ff, m.moe_every = (
-        V,
-        16,
-        2,
-        2,
-        24,
-        32,
-        moe_every,
-    )
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len = V, 16, 2, 2, 24
+    m.d_ff, m.moe_every = 32, moe_every
     cfg.moe.num_experts = experts
     cfg.router.name = router
     return cfg
 
 
 def spawn(model, cfg: Config, seed: int = 0) -> None:
-    info = {
-        "vocab_size": cfg.model.vocab_size,
-        "token_counts": torch.ones(cfg.model.vocab_size, dtype=torch.long),
-    }
-    if cfg.router.name == "stablemoe":
-        info["stage2_step"] = 10
-    spawn_model(model, cfg, torch.Generator().manual_seed(seed), **info)
+    counts = torch.ones(cfg.model.vocab_size, dtype=torch.long)
+    spawn_model(
+        model, cfg, torch.Generator().manual_seed(seed), vocab_size=cfg.model.vocab_size, token_counts=counts
+    )
 
 
 def padded(ids_BS: torch.Tensor, lengths: list[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

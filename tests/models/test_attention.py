@@ -1,32 +1,67 @@
-"""Attention (bidirectional / causal / cross, padding masked, cached) against the explicit-softmax loop."""
+"""The shared attention (bidirectional / causal / cross, padding masked, with a key/value cache) against an
+explicit per-query softmax over the keys each query may see."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from evomoe.models.attention import MultiHeadAttention, attention_reference
+from evomoe.config import ModelConfig
+from evomoe.models.blocks import Attention
+
+
+def attention_reference(attn: Attention, x_BQD, memory_BKD=None, valid_BK=None) -> torch.Tensor:
+    """Slow twin: every sentence, head and query; padded keys hidden except a query's own position."""
+    B, Q, D = x_BQD.shape
+    H = attn.n_heads
+    if attn.mode == "cross":
+        q = attn._heads(attn.q(x_BQD))
+        k, v = (attn._heads(t) for t in attn.kv(memory_BKD).chunk(2, dim=-1))
+    else:
+        q, k, v = (attn._heads(t) for t in attn.qkv(x_BQD).chunk(3, dim=-1))
+    out = torch.zeros(B, H, Q, D // H)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Q):
+                keys = []
+                for j in range(k.shape[2]):
+                    visible = valid_BK is None or bool(valid_BK[b, j]) or (attn.mode != "cross" and i == j)
+                    if visible and (attn.mode != "causal" or j <= i):
+                        keys.append(j)
+                scores = torch.stack([q[b, h, i] @ k[b, h, j] for j in keys]) / (D // H) ** 0.5
+                out[b, h, i] = torch.softmax(scores, 0) @ v[b, h, keys]
+    return attn.proj(out.transpose(1, 2).reshape(B, Q, D))
 
 
 @pytest.mark.parametrize("mode", ["bidirectional", "causal", "cross"])
 def test_attention_equals_reference(mode):
     torch.manual_seed(0)
-    attn = MultiHeadAttention(16, 4, cross=mode == "cross").eval()
+    attn = Attention(ModelConfig(d_model=16, n_heads=4), mode).eval()
     x = torch.randn(3, 5, 16)
     memory = torch.randn(3, 7, 16) if mode == "cross" else None
     k_len = 7 if mode == "cross" else 5
     valid = torch.arange(k_len)[None, :] < torch.tensor([k_len, 3, 1])[:, None]
-    causal = mode == "causal"
-    fast = attn(x, memory, key_valid_BK=valid, causal=causal)
-    slow = attention_reference(attn, x, memory, key_valid_BK=valid, causal=causal)
+    fast = attn(x, valid, memory)
+    slow = attention_reference(attn, x, memory, valid)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
 def test_cached_steps_equal_full_causal_pass():
     torch.manual_seed(1)
-    attn = MultiHeadAttention(16, 2).eval()
+    attn = Attention(ModelConfig(d_model=16, n_heads=2), "causal").eval()
     x = torch.randn(2, 6, 16)
-    full = attn(x, causal=True)
+    full = attn(x)
     cache: dict = {}
-    steps = [attn(x[:, t : t + 1], causal=True, cache=cache) for t in range(6)]
+    steps = [attn(x[:, t : t + 1], cache=cache) for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache["k"].shape == (2, 2, 6, 8)
+
+
+def test_cached_cross_attention_computes_memory_once():
+    torch.manual_seed(2)
+    attn = Attention(ModelConfig(d_model=16, n_heads=2), "cross").eval()
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    cache: dict = {}
+    first = attn(x[:, :1], None, memory, cache=cache)
+    again = attn(x[:, 1:2], None, memory * 0, cache=cache)  # the cached keys, not this memory
+    torch.testing.assert_close(torch.cat([first, again], 1), attn(x[:, :2], None, memory))

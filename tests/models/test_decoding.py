@@ -10,7 +10,7 @@ from seq_helpers import V, padded, spawn, tiny_cfg
 
 from evomoe.models.decoding import beam_search, exhaustive_search, greedy_search, normalized
 from evomoe.models.encdec import EncoderDecoder
-from evomoe.moe.routing import GateState
+from evomoe.moe.router import GateState
 
 BOS, EOS = V - 2, V - 1
 GATE = GateState(tau=0.5, hard=True, step=50)
@@ -35,7 +35,7 @@ def full_redecode_step(model, src, src_valid):
 
     def step(tokens, state):
         prefix = tokens[:, None] if state is None else torch.cat([state, tokens[:, None]], 1)
-        out = model({"src": src, "src_valid": src_valid, "tgt_in": prefix}, GATE)
+        out = model(src, prefix, src_valid, gate=GATE)
         return torch.log_softmax(out.logits[:, -1].float(), -1), prefix
 
     return step

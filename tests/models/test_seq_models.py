@@ -10,7 +10,7 @@ from seq_helpers import V, padded, spawn, tiny_cfg
 
 from evomoe.models.encdec import EncoderDecoder
 from evomoe.models.encoder import MaskedLM
-from evomoe.moe.routing import GateState
+from evomoe.moe.router import GateState
 
 ROUTERS = ["dts", "switch", "gshard", "base", "hash", "stablemoe"]
 
@@ -18,14 +18,18 @@ ROUTERS = ["dts", "switch", "gshard", "base", "hash", "stablemoe"]
 def mlm_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     ids, valid = padded(torch.randint(1, V, (3, 9), generator=g), [9, 6, 4])
-    return {"ids": ids, "valid": valid}
+    return {"tokens_BS": ids, "valid_BS": valid}
 
 
 def mt_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     src, src_valid = padded(torch.randint(1, V, (3, 8), generator=g), [8, 5, 3])
     tgt, tgt_valid = padded(torch.randint(1, V, (3, 6), generator=g), [6, 6, 2])
-    return {"src": src, "src_valid": src_valid, "tgt_in": tgt, "tgt_valid": tgt_valid}
+    return {"src_BS": src, "src_valid_BS": src_valid, "tgt_BT": tgt, "tgt_valid_BT": tgt_valid}
+
+
+def real(x):
+    return x["valid_BS"] if "valid_BS" in x else x["tgt_valid_BT"]
 
 
 def router_cfg(router, experts):
@@ -42,12 +46,12 @@ def test_one_expert_moe_equals_dense(model_cls, inputs, router):
     cfg = router_cfg(router, 1)
     model = model_cls(cfg.model, cfg.moe).eval()
     x = inputs()
-    dense = model(x, GateState()).logits
+    dense = model(**x, gate=GateState()).logits
     spawn(model, cfg)
     assert model.spawned and len(model.moe_layers()) == (2 if model_cls is MaskedLM else 4)
-    out = model(x, GateState(tau=1.0, step=5))
-    real = x["valid"] if "valid" in x else x["tgt_valid"]  # padding is not routed: its output is 0
-    torch.testing.assert_close(out.logits[real], dense[real], atol=1e-5, rtol=1e-5)
+    out = model(**x, gate=GateState(tau=1.0, step=5))
+    keep = real(x)  # padding is not routed (its FFN output is 0): compare the real positions
+    torch.testing.assert_close(out.logits[keep], dense[keep], atol=1e-5, rtol=1e-5)
     assert len(out.stats) == len(model.moe_layers())
 
 
@@ -62,15 +66,15 @@ def test_padding_changes_nothing_at_real_positions(model_cls, inputs, router):
     model.eval()  # after the spawn: the new routers are built in training mode
     x = inputs()
     gate = GateState(tau=0.5, hard=True, step=50)
-    batched = model(x, gate).logits
-    lengths = (x["valid"] if "valid" in x else x["tgt_valid"]).sum(1)
+    batched = model(**x, gate=gate).logits
+    lengths = real(x).sum(1)
     for b in range(3):
         if model_cls is MaskedLM:
-            one = {"ids": x["ids"][b : b + 1, : lengths[b]]}
+            one = {"tokens_BS": x["tokens_BS"][b : b + 1, : lengths[b]]}
         else:
-            s = int(x["src_valid"][b].sum())
-            one = {"src": x["src"][b : b + 1, :s], "tgt_in": x["tgt_in"][b : b + 1, : lengths[b]]}
-        alone = model(one, gate).logits
+            s = int(x["src_valid_BS"][b].sum())
+            one = {"src_BS": x["src_BS"][b : b + 1, :s], "tgt_BT": x["tgt_BT"][b : b + 1, : lengths[b]]}
+        alone = model(**one, gate=gate).logits
         torch.testing.assert_close(batched[b : b + 1, : lengths[b]], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -79,8 +83,8 @@ def test_padding_not_routed_or_counted():
     model = EncoderDecoder(cfg.model, cfg.moe).train()
     spawn(model, cfg)
     x = mt_inputs()
-    out = model(x, GateState(tau=2.0, step=1))
-    n_src, n_tgt = int(x["src_valid"].sum()), int(x["tgt_valid"].sum())
+    out = model(**x, gate=GateState(tau=2.0, step=1))
+    n_src, n_tgt = int(x["src_valid_BS"].sum()), int(x["tgt_valid_BT"].sum())
     assert [int(s.tokens) for s in out.stats] == [n_src, n_src, n_tgt, n_tgt]
     assert "balance" in out.aux
 
@@ -95,10 +99,10 @@ def test_incremental_decoding_equals_full_redecoding(phase):
     model.eval()
     x = mt_inputs()
     gate = GateState(tau=0.5, hard=True, step=50)
-    state = model.start_decoding(x["src"], x["src_valid"], gate)
-    tokens = x["tgt_in"]
+    state = model.start_decoding(x["src_BS"], x["src_valid_BS"], gate)
+    tokens = x["tgt_BT"]
     for t in range(tokens.shape[1]):
         step_logp, state = model.decode_step(tokens[:, t], state)
-        prefix = {"src": x["src"], "src_valid": x["src_valid"], "tgt_in": tokens[:, : t + 1]}
-        full = torch.log_softmax(model(prefix, gate).logits[:, -1].float(), -1)
+        prefix = {"src_BS": x["src_BS"], "src_valid_BS": x["src_valid_BS"], "tgt_BT": tokens[:, : t + 1]}
+        full = torch.log_softmax(model(**prefix, gate=gate).logits[:, -1].float(), -1)
         torch.testing.assert_close(step_logp, full, atol=1e-5, rtol=1e-5)

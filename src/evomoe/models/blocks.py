@@ -62,17 +62,33 @@ class Attention(nn.Module):
         return t_BSD.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)  # B, H, S, D/H
 
     def forward(
-        self, x_BSD: torch.Tensor, valid_BK: torch.Tensor | None = None, kv_BKD: torch.Tensor | None = None
+        self,
+        x_BSD: torch.Tensor,
+        valid_BK: torch.Tensor | None = None,
+        kv_BKD: torch.Tensor | None = None,
+        cache: dict | None = None,
     ) -> torch.Tensor:
+        """``cache`` (incremental decoding): a dict holding this layer's keys and values ("k", "v":
+        [B, H, K, D/H]); self-attention appends this call's, cross-attention computes the memory's once.
+        With a cache the queries are the last S positions and see every cached key (no padding)."""
         B, S, D = x_BSD.shape
         if self.mode == "cross":
             q = self._heads(self.q(x_BSD))
-            k, v = (self._heads(t) for t in self.kv(kv_BKD).chunk(2, dim=-1))
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = (self._heads(t) for t in self.kv(kv_BKD).chunk(2, dim=-1))
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x_BSD).chunk(3, dim=-1))
+            if cache is not None and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+            if self.mode != "cross" and S > 1 and k.shape[2] > S:
+                raise ValueError("a cached self-attention step takes one position at a time")
         mask = attention_mask(self.mode, S, k.shape[2], valid_BK, x_BSD.device)
         p = self.dropout if self.training else 0.0
-        causal = self.mode == "causal" and mask is None
+        causal = self.mode == "causal" and mask is None and S == k.shape[2]  # one cached step sees all keys
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
@@ -101,10 +117,15 @@ class Block(nn.Module):
         valid_BS: torch.Tensor | None = None,
         memory_BKD: torch.Tensor | None = None,
         memory_valid_BK: torch.Tensor | None = None,
+        cache: dict | None = None,
     ) -> tuple[torch.Tensor, Routing | None, LayerStats]:
-        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), valid_BS))
+        """``cache``: {"self": {...}, "cross": {...}} of ``Attention`` caches (incremental decoding)."""
+        self_cache = None if cache is None else cache.setdefault("self", {})
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), valid_BS, cache=self_cache))
         if memory_BKD is not None:
-            x_BSD = x_BSD + self.drop(self.cross(self.ln_cross(x_BSD), memory_valid_BK, memory_BKD))
+            cross_cache = None if cache is None else cache.setdefault("cross", {})
+            h_BSD = self.cross(self.ln_cross(x_BSD), memory_valid_BK, memory_BKD, cache=cross_cache)
+            x_BSD = x_BSD + self.drop(h_BSD)
         h_BSD, routing, stats = self.ffn(self.ln2(x_BSD), ctx)
         return x_BSD + self.drop(h_BSD), routing, stats
 

@@ -21,8 +21,12 @@ StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
 ReorderFn = Callable[[Any, torch.Tensor], Any]
 
 
-def greedy_search(step: StepFn, state: Any, batch: int, bos: int, eos: int, max_len: int) -> list[list[int]]:
-    """The argmax token at every step until ``</s>`` (not included in the output) or ``max_len`` tokens."""
+def greedy_search(
+    step: StepFn, state: Any, batch: int, bos: int, eos: int, max_len: int, all_steps: bool = False
+) -> list[list[int]]:
+    """The argmax token at every step until ``</s>`` (not included in the output) or ``max_len`` tokens.
+    ``all_steps``: take all ``max_len`` steps even when every sentence has ended (keeps several processes
+    whose steps are collectives in step)."""
     tokens = torch.full((batch,), bos, dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -33,7 +37,7 @@ def greedy_search(step: StepFn, state: Any, batch: int, bos: int, eos: int, max_
             if not done[b] and int(tokens[b]) != eos:
                 out[b].append(int(tokens[b]))
         done |= tokens == eos
-        if bool(done.all()):
+        if bool(done.all()) and not all_steps:
             break
     return out
 
@@ -84,12 +88,14 @@ def beam_search(
     max_len: int,
     beam: int = 4,
     alpha: float = 1.0,
+    all_steps: bool = False,
 ) -> list[list[int]]:
     """Best hypothesis per sentence. ``state`` holds ``batch * beam`` rows (sentence b's beams at b*K..).
 
     Each step extends every open beam by every token, keeps the 2K best candidates per sentence; those
     ending in ``</s>`` become finished hypotheses, the best K others the new beams. A sentence stops once
     it holds K finished hypotheses (or at ``max_len``, when its open beams are finished as they are).
+    ``all_steps``: as in :func:`greedy_search`.
     """
     K = beam
     tokens = torch.full((batch * K,), bos, dtype=torch.long)
@@ -108,7 +114,7 @@ def beam_search(
             beams += _advance(
                 top_val[b].tolist(), top_idx[b].tolist(), seqs, b, K, V, eos, finished[b], alpha, last
             )
-        if all(len(f) >= K for f in finished) or t == max_len - 1:
+        if t == max_len - 1 or (all(len(f) >= K for f in finished) and not all_steps):
             break
         state = reorder(state, torch.tensor([row for row, _, _, _ in beams], dtype=torch.long))
         tokens = torch.tensor([tok for _, tok, _, _ in beams], dtype=torch.long)

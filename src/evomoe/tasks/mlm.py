@@ -1,4 +1,5 @@
-"""The masked-LM task (RoBERTa): the LM's corpora, ``<s>`` + a window of text, dynamic masking.
+"""Masked language modelling (the paper's RoBERTa task): the LM's corpora, ``<s>`` + a window of text,
+RoBERTa dynamic masking (``data.masking``), re-drawn every time a sequence is seen.
 
 A training batch is a pure function of (seed, step): the windows come from the LM's token data
 (``default_rng([seed, step])``), the masking from ``default_rng([seed, step, MASK_STREAM])``. Validation
@@ -10,109 +11,112 @@ Legend: B batch, S sequence (= model.seq_len: ``<s>`` plus seq_len - 1 text toke
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..config import Config, ConfigError
-from ..data import load_token_data
+from ..config import check
+from ..data import TokenData, load_token_data
 from ..data.masking import mask_batch
 from ..data.tokenizer import SpecialTokens
+from ..registry import TASKS
+from .base import Batch, EvalContext, Task
+from .flops import dense_token_flops
 from .seq_metrics import IGNORE, nll_and_correct
 
-VAL_STEP = 1 << 40  # the masking draws of validation batch i use step VAL_STEP + i: never a training step
+VAL_STEP = 1 << 40  # validation batch i is masked with the draws of step VAL_STEP + i: never a training step
 
 
 @dataclass
 class MLMOptions:
     mask_prob: float = 0.15  # share of the text tokens selected (80% <mask>, 10% random, 10% unchanged)
 
+    def validate(self, cfg: Any, prefix: str) -> None:
+        check(0.0 < self.mask_prob < 1.0, f"{prefix}.mask_prob", self.mask_prob, "must be in (0, 1)")
+        check(
+            cfg.model.seq_len >= 2,
+            "model.seq_len",
+            cfg.model.seq_len,
+            "the masked LM needs >= 2 (<s> + text)",
+        )
 
-def validate_options(opts: MLMOptions) -> None:
-    if not 0.0 < opts.mask_prob < 1.0:
-        raise ConfigError(f"task.mlm.mask_prob = {opts.mask_prob!r}: must be in (0, 1)")
 
-
-class MLMTask:
-    name = "mlm"
+@TASKS.register("mlm")
+class MLMTask(Task):
+    Options = MLMOptions
     model_kinds = ("encoder",)
+    metric_names = ("val_loss", "val_ppl", "masked_accuracy")
+    headline = (
+        ("val_loss", "masked-token loss", ".4f"),
+        ("val_ppl", "perplexity", ".2f"),
+        ("masked_accuracy", "masked accuracy", ".4f"),
+    )
 
-    def __init__(
-        self,
-        cfg: Config,
-        opts: MLMOptions,
-        env: Mapping[str, str] = os.environ,
-        log: Callable = print,
-        data=None,
-    ) -> None:
-        validate_options(opts)
-        self.cfg, self.opts = cfg, opts
-        if cfg.model.seq_len < 2:
-            raise ConfigError(f"model.seq_len = {cfg.model.seq_len}: the masked LM needs >= 2 (<s> + text)")
-        self.data = data or load_token_data(cfg.data, cfg.model.seq_len - 1, cfg.train.batch_size, env, log)
+    def __init__(self, cfg: Any, env: Any, log: Callable[[str], None], data: TokenData | None = None) -> None:
+        super().__init__(cfg, env, log)
+        t, text_len = cfg.train, cfg.model.seq_len - 1
+        self.data = data or load_token_data(cfg.data, text_len, t.batch_size, env=env or {}, log=log)
         self.tokenizer = SpecialTokens(self.data.tokenizer)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
-    def _mask(self, text_BS: torch.Tensor, seed: int, step: int) -> dict[str, torch.Tensor]:
-        B = text_BS.shape[0]
-        ids = torch.cat([torch.full((B, 1), self.tokenizer.bos_id, dtype=torch.long), text_BS], 1)
-        maskable = ids < self.tokenizer.num_normal
+    def masked(self, text_BS: torch.Tensor, seed: int, step: int) -> Batch:
+        """``<s>`` + the text, masked with the draws of (seed, step); targets -100 where not selected."""
+        tok, B = self.tokenizer, text_BS.shape[0]
+        ids = torch.cat([torch.full((B, 1), tok.bos_id, dtype=torch.long), text_BS], 1)
+        maskable = ids < tok.num_normal
         inputs, targets = mask_batch(
-            ids, maskable, seed, step, self.tokenizer.mask_id, self.tokenizer.num_normal, self.opts.mask_prob
+            ids, maskable, seed, step, tok.mask_id, tok.num_normal, self.opts.mask_prob
         )
-        return {"ids": inputs, "valid": torch.ones_like(ids, dtype=torch.bool), "targets": targets}
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        return Batch({"tokens_BS": inputs, "valid_BS": valid}, {"targets_BS": targets}, ids.numel())
 
-    def train_batch(self, step: int, seed: int) -> dict[str, torch.Tensor]:
-        x, _ = self.data.train_batch(step, seed, self.cfg.train.batch_size, self.cfg.model.seq_len - 1)
-        return self._mask(x, seed, step)
+    def train_batch(self, step: int) -> Batch:
+        t = self.cfg.train
+        x, _ = self.data.train_batch(step, t.seed, t.batch_size, self.cfg.model.seq_len - 1)
+        return self.masked(x, t.seed, step)
 
-    def val_batches(self) -> list[dict[str, torch.Tensor]]:
+    def val_batches(self) -> list[Batch]:
         t = self.cfg.train
         windows = self.data.val_batches(t.eval_batches, t.batch_size, self.cfg.model.seq_len - 1)
-        return [self._mask(x, t.seed, VAL_STEP + i) for i, (x, _) in enumerate(windows)]
+        return [self.masked(x, t.seed, VAL_STEP + i) for i, (x, _) in enumerate(windows)]
 
-    def loss(self, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the masked positions (0 with gradient when a batch masks nothing)."""
+    def loss(self, out: Any, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the masked positions (0, with a gradient, when nothing is masked)."""
         logits = out.logits.float().reshape(-1, out.logits.shape[-1])
-        target = batch["targets"].reshape(-1)
-        total = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+        target = batch.targets["targets_BS"].reshape(-1)
+        total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
         return total / (target != IGNORE).sum().clamp_min(1)
 
-    @torch.no_grad()
-    def evaluate(self, model, gate, device: torch.device, autocast=None) -> dict[str, float]:
-        nll, correct, n, pairs, tokens = 0.0, 0, 0, 0.0, 0
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        nll, correct, n = 0.0, 0.0, 0.0
         for batch in self.val_batches():
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            with autocast() if autocast else torch.no_grad():
-                out = model(inputs, gate)
-            s, c, k = nll_and_correct(
-                out.logits.reshape(-1, out.logits.shape[-1]), inputs["targets"].reshape(-1)
-            )
+            out, local = ctx.forward(batch)
+            V = out.logits.shape[-1]
+            s, c, k = nll_and_correct(out.logits.reshape(-1, V), local.targets["targets_BS"].reshape(-1))
             nll, correct, n = nll + s, correct + c, n + k
-            T = inputs["ids"].numel()
-            if out.stats:
-                pairs += sum(float(st.pairs) / float(st.tokens) for st in out.stats) / len(out.stats) * T
-            tokens += T
-        loss = nll / max(n, 1)
+        nll, correct, n = ctx.sum_over_ranks([nll, correct, n])
+        loss = nll / max(n, 1.0)
         return {
             "val_loss": loss,
             "val_ppl": math.exp(min(loss, 50.0)),
-            "masked_accuracy": correct / max(n, 1),
-            "masked_tokens": n,
-            "experts_per_token": pairs / max(tokens, 1),
+            "masked_accuracy": correct / max(n, 1.0),
         }
 
     def token_counts(self) -> torch.Tensor:
         counts = np.bincount(np.asarray(self.data.train), minlength=self.vocab_size)[: self.vocab_size]
+        counts[self.tokenizer.bos_id] = len(self.data.train) // max(self.cfg.model.seq_len - 1, 1)
         return torch.from_numpy(counts.astype(np.int64))
 
-    def dense_flops_per_token(self, model_cfg) -> float:
-        """Forward FLOPs per token outside the FFNs: projections, bidirectional scores, the MLM head."""
-        D, L, S, V = model_cfg.d_model, model_cfg.n_layers, model_cfg.seq_len, self.vocab_size
-        return 2 * 4 * D * D * L + 2 * 2 * D * S * L + 2 * D * D + 2 * D * V
+    def forward_dense_flops(self, batch: Batch) -> float:
+        """Projections, bidirectional scores over all S keys, the head's dense layer and tied projection."""
+        m = self.cfg.model
+        ids = batch.inputs["tokens_BS"]
+        per_token = dense_token_flops(m, ids.shape[1], context=ids.shape[1]) + 2 * m.d_model * m.d_model
+        return ids.numel() * per_token

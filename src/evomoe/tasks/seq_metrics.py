@@ -49,7 +49,7 @@ def nll_and_correct(
     keep = target_N != ignore_index
     logits, target = logits_NV[keep].float(), target_N[keep]
     nll = F.cross_entropy(logits, target, reduction="sum") if target.numel() else torch.zeros(())
-    return float(nll), int((logits.argmax(-1) == target).sum()), int(target.numel())
+    return float(nll.detach()), int((logits.argmax(-1) == target).sum()), int(target.numel())
 
 
 def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
