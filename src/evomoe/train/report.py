@@ -83,6 +83,26 @@ def plot_expert_load(rows, out: Path) -> str | None:
     return _save(fig, out / "tokens_per_expert.png")
 
 
+# eval.jsonl fields that are not a task metric of their own (or are plotted elsewhere)
+NOT_TASK_METRICS = {"step", "phase", "flops", "tokens", "val_loss", "val_ppl", "experts_per_token"}
+
+
+def plot_eval_metrics(rows, evals, out: Path) -> list[str]:
+    """One plot per task metric of eval.jsonl (BLEU, chrF, masked accuracy, bits/byte, ...) against step."""
+    keys = [k for k, v in evals[-1].items() if k not in NOT_TASK_METRICS and isinstance(v, (int, float))]
+    names = []
+    for key in keys:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        _shade_phases(ax, rows)
+        pts = [(e["step"], e[key]) for e in evals if isinstance(e.get(key), (int, float))]
+        ax.plot(*zip(*pts), "o-", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=8, loc="best")
+        names.append(_save(fig, out / f"{key}_vs_step.png"))
+    return names
+
+
 def eval_table(evals: list[dict]) -> list[str]:
     """Markdown rows of eval.jsonl: step, phase and whatever metrics the task wrote (scalars only)."""
     skip = {"step", "phase", "flops", "tokens"}
@@ -106,6 +126,8 @@ def write_report(out: Path, summary: dict) -> Path:
             plot_series(rows, "experts_per_token", "experts per token", out, "experts_per_token.png")
         )
         images.append(plot_series(rows, "temperature", "gate temperature", out, "temperature.png"))
+        if evals:
+            images += plot_eval_metrics(rows, evals, out)
         heat = plot_expert_load(rows, out)
         if heat:
             images.append(heat)
