@@ -121,3 +121,23 @@ def test_mt_learns_the_transduction(tmp_path):
     assert after["chrf"] > before["chrf"] + 5, (before, after)
     rows = [json.loads(x) for x in (tmp_path / "translations" / "step_000200.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {"source", "reference", "greedy", "beam"} == set(rows[0])
+
+
+@pytest.mark.parametrize("which", ["mlm", "mt"])
+def test_loss_of_split_batch_averages_to_the_full_batch(tmp_path, mlm_task, which):
+    """Data-parallel ranks each hold an equal share of the rows (with different numbers of targets): the
+    mean of their losses must be the whole batch's loss, or their averaged gradients differ from one
+    process's (a per-rank mean over its own targets would not be)."""
+    task = mlm_task if which == "mlm" else mt_task(tmp_path)
+    model_cls = MaskedLM if which == "mlm" else EncoderDecoder
+    torch.manual_seed(0)
+    model = model_cls(task.cfg.model, task.cfg.moe)
+    key = "targets_BS" if which == "mlm" else "targets_BT"
+    for step in range(20):  # a batch whose halves hold different numbers of targets: the case that matters
+        batch = task.train_batch(step)
+        halves = [batch.map(lambda t: t[:4]), batch.map(lambda t: t[4:])]
+        if len({int((h.targets[key] != -100).sum()) for h in halves}) == 2:
+            break
+    full = task.loss(model(**batch.inputs, gate=GateState()), batch)
+    parts = [task.loss(model(**h.inputs, gate=GateState()), h) for h in halves]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, full)

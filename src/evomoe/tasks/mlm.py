@@ -26,7 +26,7 @@ from ..data.tokenizer import SpecialTokens
 from ..registry import TASKS
 from .base import Batch, EvalContext, Task
 from .flops import dense_token_flops
-from .seq_metrics import IGNORE, nll_and_correct
+from .seq_metrics import IGNORE, nll_and_correct, norm_rows
 
 VAL_STEP = 1 << 40  # validation batch i is masked with the draws of step VAL_STEP + i: never a training step
 
@@ -75,7 +75,8 @@ class MLMTask(Task):
             ids, maskable, seed, step, tok.mask_id, tok.num_normal, self.opts.mask_prob
         )
         valid = torch.ones_like(ids, dtype=torch.bool)
-        return Batch({"tokens_BS": inputs, "valid_BS": valid}, {"targets_BS": targets}, ids.numel())
+        targets_ = {"targets_BS": targets, "norm_B": norm_rows(targets)}
+        return Batch({"tokens_BS": inputs, "valid_BS": valid}, targets_, ids.numel())
 
     def train_batch(self, step: int) -> Batch:
         t = self.cfg.train
@@ -88,11 +89,11 @@ class MLMTask(Task):
         return [self.masked(x, t.seed, VAL_STEP + i) for i, (x, _) in enumerate(windows)]
 
     def loss(self, out: Any, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the masked positions (0, with a gradient, when nothing is masked)."""
+        """Mean cross-entropy over the global batch's masked positions (``norm_rows``)."""
         logits = out.logits.float().reshape(-1, out.logits.shape[-1])
         target = batch.targets["targets_BS"].reshape(-1)
         total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
-        return total / (target != IGNORE).sum().clamp_min(1)
+        return total / batch.targets["norm_B"].sum().float()
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         nll, correct, n = 0.0, 0.0, 0.0

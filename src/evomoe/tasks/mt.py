@@ -27,7 +27,7 @@ from ..data.mt_data import MTData, load_mt_data
 from ..models.decoding import beam_search, greedy_search
 from ..registry import TASKS
 from .base import Batch, EvalContext, Task
-from .seq_metrics import IGNORE, label_smoothed_loss, nll_and_correct, translation_scores
+from .seq_metrics import IGNORE, label_smoothed_loss, nll_and_correct, norm_rows, translation_scores
 
 
 @dataclass
@@ -70,7 +70,8 @@ def pair_to_batch(b) -> Batch:
         "src_valid_BS": b.src_valid_BS,
         "tgt_valid_BT": b.tgt_valid_BT,
     }
-    return Batch(inputs, {"targets_BT": targets}, int(b.src_valid_BS.sum() + b.tgt_valid_BT.sum()))
+    targets_ = {"targets_BT": targets, "norm_B": norm_rows(targets)}
+    return Batch(inputs, targets_, int(b.src_valid_BS.sum() + b.tgt_valid_BT.sum()))
 
 
 @TASKS.register("mt")
@@ -119,10 +120,10 @@ class MTTask(Task):
 
     def loss(self, out: Any, batch: Batch) -> torch.Tensor:
         logits = out.logits.reshape(-1, out.logits.shape[-1])
-        total, n = label_smoothed_loss(
+        total, _ = label_smoothed_loss(
             logits, batch.targets["targets_BT"].reshape(-1), self.opts.label_smoothing
         )
-        return total / n.clamp_min(1)
+        return total / batch.targets["norm_B"].sum().float()  # the global batch's mean (``norm_rows``)
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         nll, n = 0.0, 0.0

@@ -42,6 +42,16 @@ def label_smoothed_loss_reference(
     return total.float(), torch.tensor(count)
 
 
+def norm_rows(targets_BS: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """[B] float64, each row the global batch's counted targets / B. A rank's loss is its summed loss over
+    the sum of its rows' entries: the whole batch's mean in one process, and a share of it on each of
+    several data-parallel ranks such that their averaged gradients equal the one-process gradient (a
+    per-rank mean would weight the ranks' tokens unequally when they hold different numbers of targets)."""
+    B = targets_BS.shape[0]
+    n = float((targets_BS != ignore_index).sum())
+    return torch.full((B,), max(n, 1.0) / B, dtype=torch.float64)
+
+
 def nll_and_correct(
     logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int = IGNORE
 ) -> tuple[float, int, int]:
