@@ -49,6 +49,7 @@ class MLMOptions:
 class MLMTask(Task):
     Options = MLMOptions
     model_kinds = ("encoder",)
+    default_model = "encoder"
     metric_names = ("val_loss", "val_ppl", "masked_accuracy")
     headline = (
         ("val_loss", "masked-token loss", ".4f"),

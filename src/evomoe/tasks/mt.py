@@ -78,6 +78,7 @@ def pair_to_batch(b) -> Batch:
 class MTTask(Task):
     Options = MTOptions
     model_kinds = ("encdec",)
+    default_model = "encdec"
     metric_names = ("val_loss", "val_ppl", "bleu", "chrf", "bleu_greedy", "chrf_greedy")
     headline = (
         ("val_loss", "validation loss", ".4f"),
