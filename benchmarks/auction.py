@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (sets up the import path of evomoe)
 import torch  # noqa: E402
+from evomoe.moe.routers.base import BaseLayerRouter  # noqa: E402
+from evomoe.moe.routing import GateState, RouterContext  # noqa: E402
 
 from evomoe.config import RouterConfig  # noqa: E402
 from evomoe.moe.experts import Experts  # noqa: E402
 from evomoe.moe.layer import MoELayer  # noqa: E402
-from evomoe.moe.routers.base import BaseLayerRouter  # noqa: E402
-from evomoe.moe.routing import GateState, RouterContext  # noqa: E402
 from evomoe.ops import auction  # noqa: E402
 
 D_MODEL, D_FF = 256, 512

@@ -80,27 +80,46 @@ def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **rout
         raise RuntimeError("this MoE layer has already spawned its experts")
     old = layer.experts
     E = cfg.moe.num_experts
-    new = Experts(E, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers).to(old.w1_EDH.device)
+    new = Experts(E, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias)
+    new = new.to(old.w1_EDH.device)
     with torch.no_grad():
         w1, w2 = spawn_weights(old.w1_EDH.data[0], old.w2_EFD.data[0], E, cfg, generator)
         new.w1_EDH.copy_(w1)
         new.w2_EFD.copy_(w2)
+        if old.bias:
+            new.b1_EH.copy_(spawn_bias(old.b1_EH.data[0], w1, old.w1_EDH.data[0]))
+            new.b2_ED.copy_(old.b2_ED.data[0].expand_as(new.b2_ED))
     layer.experts = new
     layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
-    return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    mapping = {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    if old.bias:
+        mapping.update({old.b1_EH: new.b1_EH, old.b2_ED: new.b2_ED})
+    return mapping
+
+
+def spawn_bias(b1_H: torch.Tensor, w1_EDH: torch.Tensor, base_w1_DH: torch.Tensor) -> torch.Tensor:
+    """Each expert's hidden bias: the base bias, zeroed for the neurons that ``mask``/``reinit`` changed
+    (a changed neuron's input column differs from the base's)."""
+    changed_EH = (w1_EDH != base_w1_DH.unsqueeze(0)).any(dim=1)
+    return b1_H.unsqueeze(0).repeat(w1_EDH.shape[0], 1).masked_fill(changed_EH, 0.0)
 
 
 def fresh_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **router_info) -> dict:
     """Start directly sparse (diversify_steps = 0): E independently initialised experts and a gate."""
     old = layer.experts
-    new = Experts(cfg.moe.num_experts, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers)
+    new = Experts(
+        cfg.moe.num_experts, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias
+    )
     std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
     with torch.no_grad():
         new.w1_EDH.copy_(torch.randn(new.w1_EDH.shape, generator=generator) * std_in)
         new.w2_EFD.copy_(torch.randn(new.w2_EFD.shape, generator=generator) * std_out)
     layer.experts = new.to(old.w1_EDH.device)
     layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
-    return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    mapping = {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    if old.bias:  # biases start at zero
+        mapping.update({old.b1_EH: new.b1_EH, old.b2_ED: new.b2_ED})
+    return mapping
 
 
 def _each_layer(make, model, cfg: Config, generator, after_layer: AfterLayer | None, router_info) -> dict:

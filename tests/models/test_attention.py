@@ -8,17 +8,15 @@ import torch
 
 from evomoe.config import ModelConfig
 from evomoe.models.blocks import Attention
+from evomoe.models.layers import KVCache
 
 
 def attention_reference(attn: Attention, x_BQD, memory_BKD=None, valid_BK=None) -> torch.Tensor:
     """Slow twin: every sentence, head and query; padded keys hidden except a query's own position."""
     B, Q, D = x_BQD.shape
     H = attn.n_heads
-    if attn.mode == "cross":
-        q = attn._heads(attn.q(x_BQD))
-        k, v = (attn._heads(t) for t in attn.kv(memory_BKD).chunk(2, dim=-1))
-    else:
-        q, k, v = (attn._heads(t) for t in attn.qkv(x_BQD).chunk(3, dim=-1))
+    q, k, v = attn._project(x_BQD, memory_BKD)
+    q, k, v = (attn._heads(t, H) for t in (q, k, v))
     out = torch.zeros(B, H, Q, D // H)
     for b in range(B):
         for h in range(H):
@@ -51,17 +49,10 @@ def test_cached_steps_equal_full_causal_pass():
     attn = Attention(ModelConfig(d_model=16, n_heads=2), "causal").eval()
     x = torch.randn(2, 6, 16)
     full = attn(x)
-    cache: dict = {}
-    steps = [attn(x[:, t : t + 1], cache=cache) for t in range(6)]
+    cache = KVCache.empty(1)
+    steps = []
+    for t in range(6):
+        steps.append(attn(x[:, t : t + 1], cache=cache))
+        cache.length += 1
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert cache["k"].shape == (2, 2, 6, 8)
-
-
-def test_cached_cross_attention_computes_memory_once():
-    torch.manual_seed(2)
-    attn = Attention(ModelConfig(d_model=16, n_heads=2), "cross").eval()
-    x, memory = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
-    cache: dict = {}
-    first = attn(x[:, :1], None, memory, cache=cache)
-    again = attn(x[:, 1:2], None, memory * 0, cache=cache)  # the cached keys, not this memory
-    torch.testing.assert_close(torch.cat([first, again], 1), attn(x[:, :2], None, memory))
+    assert cache.keys[0].shape == (2, 2, 6, 8)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from seq_helpers import V, padded, spawn, tiny_cfg
 
 from evomoe.models.decoding import beam_search, exhaustive_search, greedy_search, normalized
 from evomoe.models.encdec import EncoderDecoder
 from evomoe.moe.router import GateState
+
+from .seq_helpers import V, padded, spawn, tiny_cfg
 
 BOS, EOS = V - 2, V - 1
 GATE = GateState(tau=0.5, hard=True, step=50)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from seq_helpers import V, padded, spawn, tiny_cfg
 
 from evomoe.models.encdec import EncoderDecoder
 from evomoe.models.encoder import MaskedLM
 from evomoe.moe.router import GateState
+
+from .seq_helpers import V, padded, spawn, tiny_cfg
 
 ROUTERS = ["dts", "switch", "gshard", "base", "hash", "stablemoe"]
 

@@ -42,7 +42,7 @@ def _grads(fn, *leaves, g_out=None):
 
 
 # ------------------------------------------------------------------------------------------ fused FFN
-@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "swiglu"])
 @pytest.mark.parametrize("counts", [[5, 0, 9, 2], [0, 0, 7], [16], [0, 0, 0], [1, 1, 1, 1, 1]])
 def test_fused_ffn_matches_loop(activation, counts):
     torch.manual_seed(0)

@@ -20,8 +20,9 @@ from ..moe.layer import MoELayer
 from ..moe.router import GateState
 from ..registry import MODELS
 from .base import ModelOutput, MoEModel, RoutingCollector
-from .blocks import Block, init_gpt2_style
+from .blocks import Block, embed_tokens, init_gpt2_style
 from .encoder import EncoderStack, router_context
+from .layers import KVCache
 
 
 @MODELS.register("encdec")
@@ -47,24 +48,24 @@ class EncoderDecoder(MoEModel):
         return self.encoder.moe_layers() + self.decoder_moe_layers()
 
     def embed(self, ids_BS: torch.Tensor, start: int = 0) -> torch.Tensor:
-        S = ids_BS.shape[1]
-        if start + S > self.cfg.seq_len:
-            raise ValueError(f"sequence length {start + S} exceeds model.seq_len={self.cfg.seq_len}")
-        return self.tok_emb(ids_BS) + self.pos_emb(torch.arange(start, start + S, device=ids_BS.device))
+        return embed_tokens(self.tok_emb, self.pos_emb, ids_BS, self.cfg.seq_len, start)
 
     def encode(self, src_BS, src_valid_BS, gate, collect: RoutingCollector) -> torch.Tensor:
         ctx = router_context(gate, src_BS, src_valid_BS)
         return self.encoder(self.embed(src_BS), src_valid_BS, ctx, collect)
 
-    def decode(self, tgt_BT, tgt_valid_BT, memory_BSD, src_valid_BS, gate, collect, caches=None, start=0):
-        """Next-token logits [B, T, V]; ``caches`` (one dict per block) for incremental decoding."""
+    def decode(self, tgt_BT, tgt_valid_BT, memory_BSD, src_valid_BS, gate, collect, cache=None):
+        """Next-token logits [B, T, V]; ``cache`` (the decoder's self-attention keys/values) for
+        incremental decoding. Cross-attention recomputes the memory's keys/values at every step."""
+        start = cache.length if cache is not None else 0
         x_BTD = self.embed(tgt_BT, start)
         ctx = router_context(gate, tgt_BT, tgt_valid_BT)
-        for i, block in enumerate(self.dec_blocks):
+        for block in self.dec_blocks:
             ctx.layer_idx = block.layer_idx
-            cache = None if caches is None else caches[i]
             x_BTD, routing, stats = block(x_BTD, ctx, tgt_valid_BT, memory_BSD, src_valid_BS, cache=cache)
             collect.add(block.ffn, block.is_moe, routing, stats)
+        if cache is not None:
+            cache.length += tgt_BT.shape[1]
         return F.linear(self.dec_ln(x_BTD), self.tok_emb.weight)
 
     def forward(
@@ -87,17 +88,16 @@ class EncoderDecoder(MoEModel):
         if repeat > 1:
             memory = memory.repeat_interleave(repeat, 0)
             src_valid_BS = None if src_valid_BS is None else src_valid_BS.repeat_interleave(repeat, 0)
-        caches = [{} for _ in self.dec_blocks]
-        return {"memory": memory, "src_valid": src_valid_BS, "caches": caches, "pos": 0, "gate": gate}
+        cache = KVCache.empty(len(self.dec_blocks))
+        return {"memory": memory, "src_valid": src_valid_BS, "cache": cache, "gate": gate}
 
     def decode_step(self, tokens_B: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """Log-probabilities [B, V] of the next token after ``tokens_B``; the caches grow by one position."""
+        """Log-probabilities [B, V] of the next token after ``tokens_B``; the cache grows by one position."""
         tokens = tokens_B.to(state["memory"].device)[:, None]
         logits = self.decode(
             tokens, None, state["memory"], state["src_valid"], state["gate"], RoutingCollector(1, tokens),
-            caches=state["caches"], start=state["pos"],
+            cache=state["cache"],
         )  # fmt: skip
-        state["pos"] += 1
         return torch.log_softmax(logits[:, -1].float(), -1), state
 
     @staticmethod
@@ -105,12 +105,11 @@ class EncoderDecoder(MoEModel):
         """Keep rows ``index_B`` of every cached tensor (beam search)."""
         index_B = index_B.to(state["memory"].device)
         pick = lambda t: None if t is None else t.index_select(0, index_B)  # noqa: E731
-        caches = [
-            {k: {n: pick(t) for n, t in c.items()} for k, c in cache.items()} for cache in state["caches"]
-        ]
+        c = state["cache"]
+        cache = KVCache([pick(k) for k in c.keys], [pick(v) for v in c.values], c.length)
         return {
             **state,
             "memory": pick(state["memory"]),
             "src_valid": pick(state["src_valid"]),
-            "caches": caches,
+            "cache": cache,
         }

@@ -92,7 +92,7 @@ class MaskedLM(MoEModel):
     def forward(
         self, tokens_BS: torch.Tensor, valid_BS: torch.Tensor | None = None, gate: GateState | None = None
     ) -> ModelOutput:
-        x_BSD = embed_tokens(self.tok_emb, self.pos_emb, tokens_BS)
+        x_BSD = embed_tokens(self.tok_emb, self.pos_emb, tokens_BS, self.cfg.seq_len)
         collect = RoutingCollector(len(self.moe_layers()), x_BSD)
         h_BSD = self.encoder(x_BSD, valid_BS, router_context(gate, tokens_BS, valid_BS), collect)
         return collect.output(self.head(h_BSD))

@@ -48,7 +48,13 @@ def routing_stats(routing: Routing, counts_E: torch.Tensor, num_tokens: int, val
 
 class MoELayer(nn.Module):
     def __init__(
-        self, d_model: int, d_ff: int, activation: str, impl: str = "auto", n_layers: int = 1
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        impl: str = "auto",
+        n_layers: int = 1,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.d_model, self.d_ff, self.activation, self.impl, self.n_layers = (
@@ -58,7 +64,7 @@ class MoELayer(nn.Module):
             impl,
             n_layers,
         )
-        self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers)
+        self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers, bias=bias)
         self.router: Router | None = None
         self.dispatcher = LocalDispatcher()
 
@@ -89,9 +95,12 @@ class MoELayer(nn.Module):
         return out_TD.view(B, S, D), routing, stats
 
     def forward_dense(self, x_TD: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.experts.w1_EDH[0], self.experts.w2_EFD[0]
-
-        return activate(x_TD @ w1.to(x_TD.dtype), self.activation) @ w2.to(x_TD.dtype)
+        ex = self.experts
+        w1, w2 = ex.w1_EDH[0].to(x_TD.dtype), ex.w2_EFD[0].to(x_TD.dtype)
+        if not ex.bias:
+            return activate(x_TD @ w1, self.activation) @ w2
+        h_TH = torch.addmm(ex.b1_EH[0].to(x_TD.dtype), x_TD, w1)
+        return torch.addmm(ex.b2_ED[0].to(x_TD.dtype), activate(h_TH, self.activation), w2)
 
     def dense_stats(self, x_TD: torch.Tensor, ctx: RouterContext) -> LayerStats:
         T = x_TD.shape[0]

@@ -48,6 +48,15 @@ class DTSRouter(Router):
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight}
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:
+        if not hard:
+            raise ValueError(
+                "a DTS gate in its soft phase trains with a variable number of experts per token (every "
+                "expert above router.dts.threshold), which no top-k MoE class computes; export a checkpoint "
+                "taken after the hard switch (gate.hard_after steps after the spawn)"
+            )
+        return 1, False  # argmax of softmax(z), weight = its probability (not renormalised)
+
     def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection mask (no gradient) and the tempered weights y."""
         if not self.training:

@@ -80,6 +80,15 @@ class TopKRouter(Router):
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:  # noqa: ARG002
+        if self.cfg.capacity_factor > 0:
+            raise ValueError(
+                f"router.topk.capacity_factor = {self.cfg.capacity_factor} drops tokens past capacity, also "
+                "at evaluation; the Hugging Face MoE classes never drop (train with capacity_factor = 0)"
+            )
+        # at evaluation every second_policy keeps the second best expert: a plain top-k
+        return self.cfg.k, self.cfg.k > 1 and self.cfg.renormalize
+
     def choose(self, z_TE: torch.Tensor, p_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[T, K] experts and which of them are kept before capacity (None: all of them)."""
         k = self.cfg.k
