@@ -1,8 +1,21 @@
-"""Routers; importing this package registers them in ``evomoe.registry.ROUTERS``."""
+"""Routers, one file each; importing this package registers them in ``evomoe.registry.ROUTERS``.
 
-from . import dts, soft, topk  # noqa: F401
+Adding a router: a new module here with a ``Router`` subclass decorated ``@ROUTERS.register(name)``, and
+its import below. The router contract tests (tests/moe/test_router_contract.py) then cover it.
+"""
 
-try:  # baseline routers (BASE, hash, StableMoE) live in their own modules when present
-    from . import base, hash, stablemoe  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from . import (  # noqa: F401
+    act_dts,
+    base_layers,
+    blockffn,
+    comet,
+    dselect_k,
+    dts,
+    hash,
+    remoe,
+    sigma,
+    soft,
+    stablemoe,
+    stat_topk,
+    topk,
+)
