@@ -15,7 +15,8 @@ from ..ops.permute import count_per_bin
 from .dispatcher import LocalDispatcher
 from .experts import Experts, activate
 from .losses import entropy_T
-from .routing import Router, RouterContext, Routing
+from .router import Router, RouterContext, Routing
+from .stats import chunk_empty_slots, k_sums
 
 
 @dataclass
@@ -28,22 +29,41 @@ class LayerStats:
     max_experts_per_token: torch.Tensor
     counts_E: torch.Tensor  # pairs per expert
     entropy: torch.Tensor  # mean routing entropy (nats); 0 for the dense phase
+    k_sumsq: torch.Tensor | None = None  # sum over valid tokens of (experts per token)^2: the std of k
+    chunk_empty: torch.Tensor | None = None  # (8-token chunk, expert) slots no token of the chunk used
+    chunk_slots: torch.Tensor | None = None  # all (chunk, expert) slots: chunk-level sparsity = empty/slots
 
 
-def routing_stats(routing: Routing, counts_E: torch.Tensor, num_tokens: int, valid_T=None) -> LayerStats:
+def routing_stats(
+    routing: Routing, counts_E: torch.Tensor, num_tokens: int, valid_T=None, shape=None, num_experts=None
+) -> LayerStats:
+    """``shape``: (B, S) of the tokens (chunks stay inside sequences); ``num_experts``: global E."""
     tokens = torch.tensor(num_tokens) if valid_T is None else valid_T.sum()
     pairs = counts_E.sum()
     if routing.fixed_k is not None and num_tokens:
         max_k = torch.full((), routing.fixed_k, dtype=torch.long, device=counts_E.device)
+        k_sumsq = tokens.double() * routing.fixed_k**2
     else:
-        max_k = count_per_bin(routing.token_idx_P, num_tokens).max()
+        k_T = count_per_bin(routing.token_idx_P, num_tokens)
+        max_k = k_T.max()
+        k_sumsq = k_sums(k_T, valid_T)[1]
+    empty, slots = chunk_empty_slots(
+        routing.token_idx_P,
+        routing.expert_idx_P,
+        num_tokens,
+        num_experts or counts_E.shape[0],
+        shape,
+        valid_T,
+    )
     if routing.probs_TE is not None:
         ent_T = entropy_T(routing.probs_TE)
         entropy = ent_T.mean() if valid_T is None else (ent_T * valid_T).sum() / tokens.clamp_min(1)
     else:
         entropy = torch.zeros(())
     dropped = routing.dropped if routing.dropped is not None else torch.zeros((), dtype=torch.long)
-    return LayerStats(tokens, pairs, dropped, max_k, counts_E.detach(), entropy.detach())
+    return LayerStats(
+        tokens, pairs, dropped, max_k, counts_E.detach(), entropy.detach(), k_sumsq, empty, slots
+    )
 
 
 class MoELayer(nn.Module):
@@ -84,7 +104,12 @@ class MoELayer(nn.Module):
         out_TD = self.dispatcher.combine(y_PD, state)
         real_counts_E = getattr(state, "counts_E", None)  # the experts' counts may include padding rows
         stats = routing_stats(
-            routing, counts_E if real_counts_E is None else real_counts_E, B * S, ctx.valid_T
+            routing,
+            counts_E if real_counts_E is None else real_counts_E,
+            B * S,
+            ctx.valid_T,
+            (B, S),
+            self.num_experts,
         )
         return out_TD.view(B, S, D), routing, stats
 
