@@ -23,13 +23,13 @@ import common  # noqa: E402  (sets up the import path of evomoe)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from evomoe.config import RouterConfig  # noqa: E402
+from evomoe.config import router_config  # noqa: E402
 from evomoe.moe.experts import Experts  # noqa: E402
 from evomoe.moe.layer import MoELayer  # noqa: E402
+from evomoe.moe.router import GateState, RouterContext  # noqa: E402
 from evomoe.moe.routers.dts import DTSRouter  # noqa: E402
 from evomoe.moe.routers.gate import gumbel_like  # noqa: E402
 from evomoe.moe.routers.topk import TopKRouter  # noqa: E402
-from evomoe.moe.routing import GateState, RouterContext  # noqa: E402
 
 D_MODEL, D_FF, ACTIVATION = 512, 1024, "swiglu"
 
@@ -54,12 +54,12 @@ def moe_layer(E: int, load: str, k: int, impl: str, seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     layer = MoELayer(D_MODEL, D_FF, ACTIVATION, impl)
     layer.experts = Experts(E, D_MODEL, D_FF, ACTIVATION, impl)
-    cfg = RouterConfig(name="dts" if load.startswith("dts") else "topk", gate_init="normal")
+    cfg = router_config(name="dts" if load.startswith("dts") else "topk", gate_init="normal")
     if load.startswith("dts"):
-        layer.router = DTSRouter(D_MODEL, E, cfg)
+        layer.router = DTSRouter.from_config(cfg, D_MODEL, E)
     else:
         cfg.topk.k = k
-        layer.router = TopKRouter(D_MODEL, E, cfg)
+        layer.router = TopKRouter.from_config(cfg, D_MODEL, E)
         if load == "zipf":
             layer.router.gate = BiasedGate(layer.router.gate, zipf_bias(E))
     return layer

@@ -25,13 +25,13 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from evomoe.config import RouterConfig  # noqa: E402
+from evomoe.config import router_config  # noqa: E402
 from evomoe.moe.dispatcher import LocalDispatcher  # noqa: E402
 from evomoe.moe.experts import Experts  # noqa: E402
 from evomoe.moe.layer import MoELayer  # noqa: E402
+from evomoe.moe.router import GateState, RouterContext  # noqa: E402
 from evomoe.moe.routers.dts import DTSRouter  # noqa: E402
 from evomoe.moe.routers.topk import TopKRouter  # noqa: E402
-from evomoe.moe.routing import GateState, RouterContext  # noqa: E402
 
 D_MODEL, D_FF = 512, 1024
 
@@ -41,9 +41,9 @@ def ours_topk(E: int, k: int) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(D_MODEL, D_FF, "swiglu")
     layer.experts = Experts(E, D_MODEL, D_FF, "swiglu")
-    cfg = RouterConfig(name="topk", gate_init="normal")
+    cfg = router_config(name="topk", gate_init="normal")
     cfg.topk.k = k
-    layer.router = TopKRouter(D_MODEL, E, cfg)
+    layer.router = TopKRouter.from_config(cfg, D_MODEL, E)
     return layer
 
 
@@ -193,9 +193,9 @@ def ours_soft(E: int, threshold: float) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(D_MODEL, D_FF, "swiglu")
     layer.experts = Experts(E, D_MODEL, D_FF, "swiglu")
-    cfg = RouterConfig(name="dts", gate_init="normal")
+    cfg = router_config(name="dts", gate_init="normal")
     cfg.dts.gumbel, cfg.dts.threshold = False, threshold
-    layer.router = DTSRouter(D_MODEL, E, cfg)
+    layer.router = DTSRouter.from_config(cfg, D_MODEL, E)
     return layer
 
 

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from evomoe.config import load_config  # noqa: E402
 from evomoe.evolve import fresh_experts  # noqa: E402
 from evomoe.models import GPT  # noqa: E402
-from evomoe.moe.routing import GateState  # noqa: E402
+from evomoe.moe.router import GateState  # noqa: E402
+from evomoe.tasks.lm import lm_forward  # noqa: E402
 from evomoe.train.flops import training_flops  # noqa: E402
 from evomoe.train.optim import build_optimizer, param_groups  # noqa: E402
 
@@ -99,7 +100,7 @@ class Runner:
         self.i += 1
         x, y = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(x, y, gate=self.gate)
+            out = lm_forward(self.model, x, y, gate=self.gate)
         loss = out.loss + out.aux_loss
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -7,10 +7,11 @@ import torch
 
 from evomoe.config import Config
 from evomoe.evolve import fresh_experts, spawn_layer, spawn_model, spawn_weights
-from evomoe.models.gpt import GPT
+from evomoe.models import GPT
 from evomoe.moe.experts import init_std
 from evomoe.moe.layer import MoELayer
-from evomoe.moe.routing import GateState
+from evomoe.moe.router import GateState
+from evomoe.tasks.lm import lm_forward
 from evomoe.train.optim import build_optimizer, rebuild_after_spawn
 
 D_MODEL, D_FF, E = 16, 32, 4
@@ -152,11 +153,11 @@ def test_copy_spawn_preserves_gpt_output(router, gate_init, activation):
     cfg.router.dts.threshold = 0.0
     model = build_gpt(cfg).train()
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
-    before = model(idx, idx).logits.detach()
+    before = lm_forward(model, idx, idx).logits.detach()
     spawn_model(model, cfg, torch.Generator().manual_seed(0))
     assert model.spawned and all(layer.num_experts == E for layer in model.moe_layers())
     torch.manual_seed(2)
-    out = model(idx, idx, gate=GateState(tau=2.0))
+    out = lm_forward(model, idx, idx, gate=GateState(tau=2.0))
     assert all(int(s.pairs) == 3 * 16 * E for s in out.stats)  # every token to every expert
     torch.testing.assert_close(out.logits.detach(), before, atol=1e-5, rtol=1e-5)
 
@@ -171,7 +172,7 @@ def trained_dense(cfg: Config):
     idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
     for _ in range(2):
         opt.zero_grad()
-        model(idx, idx).loss.backward()
+        lm_forward(model, idx, idx).loss.backward()
         opt.step()
     return model, opt, idx
 
@@ -214,7 +215,7 @@ def test_rebuild_after_spawn(mode):
                     assert st[k].data_ptr() != src[k].data_ptr()
 
     new.zero_grad()  # the rebuilt optimizer steps
-    model(idx, idx, gate=GateState(tau=1.0)).loss.backward()
+    lm_forward(model, idx, idx, gate=GateState(tau=1.0)).loss.backward()
     new.step()
     some = next(iter(untouched.values()))
     assert float(new.state[some]["step"]) == float(untouched_state[next(iter(untouched))]["step"]) + 1

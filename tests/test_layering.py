@@ -96,9 +96,9 @@ def test_checker_catches_violations(tmp_path):
     uses = distributed_uses(src, "evomoe.moe")
     assert "torch.distributed.nn" in uses and "torch.distributed (line 6)" in uses and len(uses) == 5
     rel = tmp_path / "rel.py"
-    rel.write_text("from ..train import optim\nfrom .routing import Router\n")
+    rel.write_text("from ..train import optim\nfrom .router import Router\n")
     assert "evomoe.train.optim" in imported_modules(rel, "evomoe.moe")
-    assert "evomoe.moe.routing" in imported_modules(rel, "evomoe.moe")
+    assert "evomoe.moe.router" in imported_modules(rel, "evomoe.moe")
 
 
 def test_package_of():

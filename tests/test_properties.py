@@ -20,7 +20,7 @@ from evomoe.config import Config, to_dict, to_toml
 from evomoe.moe.dispatcher import moe_reference
 from evomoe.moe.experts import Experts
 from evomoe.moe.layer import MoELayer
-from evomoe.moe.routing import Router, RouterContext, Routing
+from evomoe.moe.router import Router, RouterContext, RouterSpec, Routing
 from evomoe.schedule import PHASES, LRSchedule, PhasePlan, build_schedules
 
 if sys.version_info >= (3, 11):
@@ -44,7 +44,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 class FixedRouter(Router):
     def __init__(self, routing: Routing, num_experts: int) -> None:
-        super().__init__(D, num_experts)
+        super().__init__(RouterSpec(D, num_experts))
         self.routing = routing
 
     def forward(self, x_TD, ctx):

@@ -14,7 +14,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_dict
+from .config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    split_overrides,
+    to_dict,
+)
+from .errors import CLIError
 from .parallel.env import world_info
 
 # fields that may change when a run is resumed; everything else must match the saved config
@@ -32,10 +41,6 @@ RESUME_MUTABLE = {
 }
 EVAL_MUTABLE = {"train.eval_batches", "train.device", "train.threads", "train.batch_size"}
 RUN_FILES = ("config.toml", "metrics.jsonl", "eval.jsonl", "checkpoints", "report.md", "results.json")
-
-
-class CLIError(RuntimeError):
-    pass
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -83,24 +88,6 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def split_overrides(extra: list[str]) -> list[str]:
-    """Accept ``--a.b=v`` and ``--a.b v``."""
-    out, i = [], 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"unexpected argument '{arg}' (overrides look like --section.field=value)")
-        if "=" in arg:
-            out.append(arg)
-            i += 1
-        elif i + 1 < len(extra):
-            out.append(f"{arg}={extra[i + 1]}")
-            i += 2
-        else:
-            raise ConfigError(f"override '{arg}' has no value")
-    return out
-
-
 def cmd_train(args, extra: list[str]) -> int:
     from .train.run import run_training  # noqa: PLC0415
 
@@ -108,9 +95,9 @@ def cmd_train(args, extra: list[str]) -> int:
     overrides = split_overrides(extra)
     saved_cfg_path = out / "config.toml"
     if args.resume and saved_cfg_path.is_file():
-        saved = load_config(str(saved_cfg_path))
+        saved = load_config(str(saved_cfg_path), saved=True)
         cfg = (
-            load_config(args.config or str(saved_cfg_path), overrides)
+            load_config(args.config or str(saved_cfg_path), overrides, saved=not args.config)
             if (args.config or overrides)
             else saved
         )
@@ -129,9 +116,8 @@ def print_summary(summary: dict | None, out: Path) -> int:
     if summary is None:
         return 130
     print(
-        f"done: {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
-        f"perplexity {summary['val_ppl']:.2f}, bits/byte {summary['val_bpb']:.4f}, "
-        f"{summary['train_seconds']:.0f} s training\nresults: {out / 'results.json'}\nreport: {summary['report']}"
+        f"done: {summary['steps']} steps, {summary['headline']}, {summary['train_seconds']:.0f} s training\n"
+        f"results: {out / 'results.json'}\nreport: {summary['report']}"
     )
     return 0
 

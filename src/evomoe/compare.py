@@ -17,42 +17,68 @@ import statistics
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, apply_overrides, load_config, to_toml
+from .config import (
+    Config,
+    ConfigError,
+    apply_dict,
+    apply_overrides,
+    load_config,
+    read_toml,
+    split_overrides,
+    to_toml,
+)
+from .errors import CLIError
 from .train.metrics import read_jsonl
 
-# method -> overrides applied on top of the user's config. Baselines start sparse from random experts
-# (no diversify phase: that phase is EvoMoE's contribution); every method keeps the model shape.
-METHODS: dict[str, list[str]] = {
-    "dts": ["router.name=dts"],
-    "switch": [
-        "router.name=topk",
-        "router.topk.k=1",
-        "router.topk.capacity_factor=2.0",
-        "router.topk.aux_weight=0.01",
-        "evolve.diversify_steps=0",
-    ],
-    "gshard": [
-        "router.name=topk",
-        "router.topk.k=2",
-        "router.topk.capacity_factor=1.0",
-        'router.topk.second_policy="random"',
-        "router.topk.aux_weight=0.01",
-        "evolve.diversify_steps=0",
-    ],
-    "base": ["router.name=base", "evolve.diversify_steps=0"],
-    "hash": ["router.name=hash", "evolve.diversify_steps=0"],
-    "stablemoe": ["router.name=stablemoe", "evolve.diversify_steps=0"],
-    "soft": ["router.name=soft", "evolve.diversify_steps=0"],
-    "dense": ["moe.enabled=false", "evolve.diversify_steps=0"],
-}
+METHOD_DIR = Path(__file__).resolve().parent / "methods"
 DEFAULT_METHODS = "dts,switch,gshard,base,hash,stablemoe,soft,dense"
 
 
+def method_names() -> list[str]:
+    """The methods shipped with the package: one TOML fragment each in ``evomoe/methods/``."""
+    return sorted(p.stem for p in METHOD_DIR.glob("*.toml"))
+
+
+def method_path(method: str) -> Path:
+    """A shipped method by name, or a user's own fragment given as a path to a ``.toml`` file."""
+    if method.endswith(".toml"):
+        path = Path(method)
+        if not path.is_file():
+            raise ConfigError(f"--methods: method file '{method}' does not exist")
+        return path
+    path = METHOD_DIR / f"{method}.toml"
+    if not path.is_file():
+        names = ", ".join(method_names())
+        raise ConfigError(
+            f"--methods: unknown method '{method}' (choose from: {names}, or a path to a .toml file)"
+        )
+    return path
+
+
+def method_label(method: str) -> str:
+    return Path(method).stem if method.endswith(".toml") else method
+
+
+def load_method(method: str) -> tuple[dict, str]:
+    """(the fragment as a partial config, its description). A fragment is a config file that sets only the
+    fields the method changes; its optional ``[method]`` table holds ``description``."""
+    path = method_path(method)
+    data = read_toml(path)
+    info = data.pop("method", {})
+    if not isinstance(info, dict) or set(info) - {"description"}:
+        raise ConfigError(f"method file '{path}': [method] may only hold description")
+    return data, str(info.get("description", ""))
+
+
 def method_config(base: Config, method: str, seed: int) -> Config:
-    if method not in METHODS:
-        raise ConfigError(f"--methods: unknown method '{method}' (choose from: {', '.join(METHODS)})")
+    """The base config with the method's fragment applied on top and the seed set; validated."""
+    data, _ = load_method(method)
     cfg = _copy(base)
-    return apply_overrides(cfg, [f"--{o}" for o in METHODS[method]] + [f"--train.seed={seed}"])
+    try:
+        apply_dict(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"method file '{method_path(method)}': {e}") from None
+    return apply_overrides(cfg, [f"--train.seed={seed}"])
 
 
 def _copy(cfg: Config) -> Config:
@@ -65,15 +91,14 @@ def run_one(cfg: Config, out: Path, log) -> dict:
 
     results, saved = out / "results.json", out / "config.toml"
     if results.is_file() and saved.is_file():
-        if load_config(str(saved)) == _with_vocab(cfg, load_config(str(saved))):
+        saved_cfg = load_config(str(saved), saved=True)
+        if saved_cfg == _with_vocab(cfg, saved_cfg):
             log(f"reusing finished run {out}")
             return json.loads(results.read_text())
         raise ConfigError(f"'{out}' holds a run with another config: remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     summary = run_training(cfg, out, resume=True, env=os.environ, log=log, progress=False)
     if summary is None:
-        from .cli import CLIError  # noqa: PLC0415
-
         raise CLIError(f"interrupted during '{out}' (checkpoint saved): rerun the same command to resume")
     return summary
 
@@ -207,13 +232,10 @@ def plot_curves(runs: dict[str, list[dict]], out: Path) -> None:
 
 
 def cmd_compare(args, extra: list[str]) -> int:
-    from .cli import split_overrides  # noqa: PLC0415
-
     base = load_config(args.config or "default", split_overrides(extra))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method '{m}' (choose from: {', '.join(METHODS)})")
+        method_config(base, m, base.train.seed)  # every method checked before the first run starts
     if args.seeds < 1:
         raise ConfigError(f"--seeds = {args.seeds}: must be >= 1")
     out = Path(args.out)
@@ -225,12 +247,12 @@ def cmd_compare(args, extra: list[str]) -> int:
         for i in range(args.seeds):
             seed = base.train.seed + i
             cfg = method_config(base, method, seed)
-            run_dir = out / "runs" / f"{method}-s{seed}"
+            run_dir = out / "runs" / f"{method_label(method)}-s{seed}"
             log(f"== {method} seed {seed} -> {run_dir}")
             summary = run_one(cfg, run_dir, log)
             summary["stats"] = run_stats(run_dir)
             summary["seed"] = seed
-            runs.setdefault(method, []).append(summary)
+            runs.setdefault(method_label(method), []).append(summary)
     summary = aggregate(runs)
     command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
     (out / "compare.json").write_text(json.dumps({"command": command, **summary}, indent=1) + "\n")
@@ -246,7 +268,12 @@ def add_compare_parser(sub) -> None:
         "compare", help="train EvoMoE and the baselines with the same budget; write compare.md"
     )
     c.add_argument("config", nargs="?", help="a TOML file or a preset name (default: default)")
-    c.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    c.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated method names (evomoe/methods/*.toml) or paths to your own method .toml files "
+        f"(default: {DEFAULT_METHODS})",
+    )
     c.add_argument("--seeds", type=int, default=1, help="seeds per method (train.seed, train.seed+1, ...)")
     c.add_argument("--out", required=True, help="directory for the runs, compare.md and compare.json")
     c.set_defaults(command_line=None)

@@ -7,12 +7,15 @@ hidden neurons zeroed per expert), ``reinit`` (those neurons re-drawn from the i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .config import Config
 from .moe.experts import Experts, init_std
 from .moe.layer import MoELayer
+from .moe.router import Router
 from .registry import ROUTERS
 
 
@@ -57,10 +60,18 @@ def spawn_weights(
     return w1_EDH, w2_EFD
 
 
-def build_router(cfg: Config, **info) -> nn.Module:
-    """The configured router for one MoE layer. ``info``: vocab_size, token_counts, layer_idx, ..."""
+def build_router(cfg: Config, **info) -> Router:
+    """The configured router for one MoE layer. ``info``: ``RouterSpec`` fields (layer_idx,
+    num_moe_layers, vocab_size, token_counts)."""
     cls = ROUTERS.get(cfg.router.name)
-    return cls(cfg.model.d_model, cfg.moe.num_experts, cfg.router, model_cfg=cfg.model, **info)
+    return cls.from_config(cfg.router, cfg.model.d_model, cfg.moe.num_experts, **info)
+
+
+AfterLayer = Callable[[MoELayer, dict], dict]
+
+
+def _keep(layer: MoELayer, mapping: dict) -> dict:
+    return mapping
 
 
 def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **router_info) -> dict:
@@ -79,25 +90,47 @@ def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **rout
     return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
 
 
-def spawn_model(model: nn.Module, cfg: Config, generator: torch.Generator, **router_info) -> dict:
-    """Spawn experts in every MoE layer of a model (``model.moe_layers()``). Returns old -> new params."""
+def fresh_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **router_info) -> dict:
+    """Start directly sparse (diversify_steps = 0): E independently initialised experts and a gate."""
+    old = layer.experts
+    new = Experts(cfg.moe.num_experts, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers)
+    std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
+    with torch.no_grad():
+        new.w1_EDH.copy_(torch.randn(new.w1_EDH.shape, generator=generator) * std_in)
+        new.w2_EFD.copy_(torch.randn(new.w2_EFD.shape, generator=generator) * std_out)
+    layer.experts = new.to(old.w1_EDH.device)
+    layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
+    return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+
+
+def _each_layer(make, model, cfg: Config, generator, after_layer: AfterLayer | None, router_info) -> dict:
+    layers = model.moe_layers()
     mapping: dict = {}
-    for layer_idx, layer in enumerate(model.moe_layers()):
-        mapping.update(spawn_layer(layer, cfg, generator, layer_idx=layer_idx, **router_info))
+    for layer_idx, layer in enumerate(layers):
+        info = {"layer_idx": layer_idx, "num_moe_layers": len(layers), **router_info}
+        mapping.update((after_layer or _keep)(layer, make(layer, cfg, generator, **info)))
     return mapping
 
 
-def fresh_experts(model: nn.Module, cfg: Config, generator: torch.Generator, **router_info) -> dict:
-    """Start directly sparse (diversify_steps = 0): E independently initialised experts per layer."""
-    mapping: dict = {}
-    for layer_idx, layer in enumerate(model.moe_layers()):
-        old = layer.experts
-        new = Experts(cfg.moe.num_experts, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers)
-        std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
-        with torch.no_grad():
-            new.w1_EDH.copy_(torch.randn(new.w1_EDH.shape, generator=generator) * std_in)
-            new.w2_EFD.copy_(torch.randn(new.w2_EFD.shape, generator=generator) * std_out)
-        layer.experts = new.to(old.w1_EDH.device)
-        layer.router = build_router(cfg, layer_idx=layer_idx, **router_info).to(old.w1_EDH.device)
-        mapping.update({old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD})
-    return mapping
+def spawn_model(
+    model: nn.Module,
+    cfg: Config,
+    generator: torch.Generator,
+    after_layer: AfterLayer | None = None,
+    **router_info,
+) -> dict:
+    """Spawn experts in every MoE layer of a model (``model.moe_layers()``), layer by layer; ``after_layer``
+    (layer, old -> new params) may reshape each layer right after its spawn (expert parallelism shards it)
+    and returns the mapping to keep. Returns old -> new params for the optimizer."""
+    return _each_layer(spawn_layer, model, cfg, generator, after_layer, router_info)
+
+
+def fresh_experts(
+    model: nn.Module,
+    cfg: Config,
+    generator: torch.Generator,
+    after_layer: AfterLayer | None = None,
+    **router_info,
+) -> dict:
+    """Start directly sparse in every MoE layer: E freshly initialised experts (see ``fresh_layer``)."""
+    return _each_layer(fresh_layer, model, cfg, generator, after_layer, router_info)

@@ -1,47 +1,61 @@
-"""Name -> class registries. Unknown names raise with the list of valid choices."""
+"""Name -> class registries for the plug-ins (routers, tasks, models), with "choose from" errors.
+
+A plug-in is one file that registers a class: ``@ROUTERS.register("dts")``. The packages that hold the
+plug-ins are discovered by name (``PLUGIN_PACKAGES``), like entry points: this module imports none of them
+statically, so the registry sits at the bottom of the dependency graph and nothing imports in a cycle.
+A plug-in class may carry ``Options``, a dataclass of its own settings: the config gets a table for it
+(``[router.dts]``, ``[task.mt]``) without a line changed anywhere else.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# the packages whose import registers the plug-ins (each imports its plug-in modules)
+PLUGIN_PACKAGES = ("evomoe.moe.routers", "evomoe.models", "evomoe.tasks")
+
+
+def load_plugins() -> None:
+    """Import every plug-in package once (idempotent: Python caches modules)."""
+    for name in PLUGIN_PACKAGES:
+        importlib.import_module(name)
+
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, loader: Callable[[], None] | None = None) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
-        self._loader = loader
-        self._loaded = False
-
-    def _load(self) -> None:
-        if not self._loaded and self._loader is not None:
-            self._loaded = True
-            self._loader()
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            if name in self._items:
+            if name in self._items and self._items[name] is not obj:
                 raise KeyError(f"{self.kind} '{name}' registered twice")
             self._items[name] = obj
+            if hasattr(obj, "registered_name") or isinstance(obj, type):
+                obj.registered_name = name
             return obj
 
         return deco
 
     def get(self, name: str) -> T:
-        self._load()
+        load_plugins()
         if name not in self._items:
             raise KeyError(f"unknown {self.kind} '{name}' (choose from: {', '.join(self.names())})")
         return self._items[name]
 
     def names(self) -> list[str]:
-        self._load()
+        load_plugins()
         return sorted(self._items)
 
+    def items(self) -> list[tuple[str, T]]:
+        load_plugins()
+        return sorted(self._items.items())
 
-def _load_routers() -> None:
-    from .moe import routers  # noqa: F401  (importing registers them)
 
-
-ROUTERS: Registry = Registry("router", _load_routers)
+ROUTERS: Registry = Registry("router")
+TASKS: Registry = Registry("task")
+MODELS: Registry = Registry("model")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .registry import ROUTERS
+
 PHASES = ("diversify", "sparsify", "sparse")
 
 
@@ -45,14 +47,14 @@ class LRSchedule:
 
 @dataclass
 class PhasePlan:
-    """Where the run is: ``diversify`` [0, spawn), ``sparsify`` [spawn, spawn + hard_after) for the DTS
-    gate (a dense-to-sparse soft phase), and ``sparse`` afterwards (every other router is sparse at once).
+    """Where the run is: ``diversify`` [0, spawn), ``sparsify`` [spawn, spawn + hard_after) for a
+    dense-to-sparse router (its soft phase), and ``sparse`` afterwards (every other router is sparse at once).
     ``moe=False`` (the dense baseline) stays in ``diversify`` (one dense FFN per block) for the whole run.
     """
 
     spawn_step: int
     hard_after: int
-    dense_to_sparse: bool  # the router has a soft phase (dts)
+    dense_to_sparse: bool  # the router has a soft phase (``Router.dense_to_sparse``)
     moe: bool = True
 
     def phase(self, step: int) -> str:
@@ -85,33 +87,32 @@ class TemperatureSchedule:
 
 @dataclass
 class Schedules:
+    """The run's plan, fixed when it starts and saved in its checkpoints: a resumed run keeps it even when
+    ``train.steps`` changes (the learning rate's horizon, ``lr.total``, is also the routers' plan)."""
+
     lr: LRSchedule
     phases: PhasePlan
     tau: TemperatureSchedule
-    stage2_step: int  # StableMoE: the step at which the distilled router takes over
+
+    @property
+    def total_steps(self) -> int:
+        return self.lr.total
 
     def state_dict(self) -> dict:
-        return {
-            "lr": self.lr.state_dict(),
-            "phases": self.phases.state_dict(),
-            "tau": self.tau.state_dict(),
-            "stage2_step": self.stage2_step,
-        }
+        return {"lr": self.lr.state_dict(), "phases": self.phases.state_dict(), "tau": self.tau.state_dict()}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Schedules:
-        return cls(
-            LRSchedule(**d["lr"]), PhasePlan(**d["phases"]), TemperatureSchedule(**d["tau"]), d["stage2_step"]
-        )
+        """Also reads the first release's state (which held a StableMoE ``stage2_step``, now derived)."""
+        return cls(LRSchedule(**d["lr"]), PhasePlan(**d["phases"]), TemperatureSchedule(**d["tau"]))
 
 
 def build_schedules(cfg) -> Schedules:
     t, g, e = cfg.train, cfg.gate, cfg.evolve
     spawn = e.diversify_steps
-    stage1 = max(1, int(round(cfg.router.stablemoe.stage1_fraction * (t.steps - spawn))))
+    dense_to_sparse = ROUTERS.get(cfg.router.name).dense_to_sparse
     return Schedules(
         lr=LRSchedule(t.lr, t.warmup_steps, t.steps, t.min_lr_ratio),
-        phases=PhasePlan(spawn, g.hard_after, cfg.router.name == "dts", cfg.moe.enabled),
+        phases=PhasePlan(spawn, g.hard_after, dense_to_sparse, cfg.moe.enabled),
         tau=TemperatureSchedule(g.tau_max, g.tau_min, g.decay_steps, g.decay, spawn),
-        stage2_step=spawn + stage1,
     )

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .compare import first_reach, run_one, run_stats
-from .config import ConfigError, apply_overrides, load_config, parse_override, to_toml
+from .config import ConfigError, apply_overrides, load_config, parse_override, split_overrides, to_toml
 
 
 def parse_vary(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -51,8 +51,6 @@ def run_name(variant: str) -> str:
 
 
 def cmd_sweep(args, extra: list[str]) -> int:
-    from .cli import split_overrides  # noqa: PLC0415
-
     base = load_config(args.config or "default", split_overrides(extra))
     vary = parse_vary(args.vary or [])
     out = Path(args.out)

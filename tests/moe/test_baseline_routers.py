@@ -7,17 +7,18 @@ import math
 import pytest
 import torch
 
-from evomoe.config import RouterConfig, load_config
+from evomoe.config import load_config, router_config
 from evomoe.evolve import spawn_model
-from evomoe.models.gpt import GPT
+from evomoe.models import GPT
 from evomoe.moe.dispatcher import moe_reference
 from evomoe.moe.layer import MoELayer
-from evomoe.moe.routers.base import BaseLayerRouter
+from evomoe.moe.router import GateState, RouterContext
+from evomoe.moe.routers.base_layers import BaseLayerRouter
 from evomoe.moe.routers.hash import HashRouter, balanced_hash_map, hash_loads, random_hash_map
 from evomoe.moe.routers.stablemoe import StableMoERouter, distill_loss, stablemoe_balance_loss
-from evomoe.moe.routing import GateState, RouterContext
 from evomoe.ops.auction import assignment_score, balanced_assignment_reference
 from evomoe.registry import ROUTERS
+from evomoe.tasks.lm import lm_forward
 from evomoe.train.optim import build_optimizer
 
 V, E, D = 64, 4, 16
@@ -28,8 +29,13 @@ def zipf_counts(vocab: int, s: float = 1.0, total: float = 1e6) -> torch.Tensor:
     return (total / ranks**s / (1 / ranks**s).sum()).round().long()
 
 
+def gate_in_stage(stage: int) -> GateState:
+    """A step in StableMoE's stage 1 or 2 of a 100-step run (stage 1: its first 10 steps)."""
+    return GateState(step=0 if stage == 1 else 50, spawn_step=0, total_steps=100)
+
+
 def ctx_for(ids_T: torch.Tensor, stage: int = 1, valid_T: torch.Tensor | None = None) -> RouterContext:
-    return RouterContext(gate=GateState(stage=stage), token_ids_T=ids_T, valid_T=valid_T)
+    return RouterContext(gate=gate_in_stage(stage), token_ids_T=ids_T, valid_T=valid_T)
 
 
 def check_contract(routing, T: int) -> None:
@@ -56,8 +62,8 @@ def test_routers_are_registered():
 @pytest.mark.parametrize("name", ["base", "hash", "stablemoe"])
 def test_layer_output_matches_reference(name):
     torch.manual_seed(0)
-    cfg = RouterConfig(name=name)
-    router = ROUTERS.get(name)(D, E, cfg, vocab_size=V, token_counts=zipf_counts(V))
+    cfg = router_config(name=name)
+    router = ROUTERS.get(name).from_config(cfg, D, E, vocab_size=V, token_counts=zipf_counts(V))
     layer = MoELayer(D, 32, "gelu")
     layer.experts = type(layer.experts)(E, D, 32, "gelu")
     torch.nn.init.normal_(layer.experts.w1_EDH, std=0.2)
@@ -77,7 +83,7 @@ def test_layer_output_matches_reference(name):
 
 def base_router(seed: int = 0) -> BaseLayerRouter:
     torch.manual_seed(seed)
-    return BaseLayerRouter(D, E, RouterConfig(name="base"))
+    return BaseLayerRouter.from_config(router_config(name="base"), D, E)
 
 
 def test_base_centroids_are_orthogonal_with_gain():
@@ -137,7 +143,7 @@ def test_base_padding_is_not_routed_or_balanced():
 def test_base_in_gpt_trains_and_balances():
     cfg, model = tiny_gpt("base")
     idx = torch.randint(0, 256, (4, 30), generator=torch.Generator().manual_seed(0))  # T = 120
-    out = model(idx, idx)
+    out = lm_forward(model, idx, idx)
     assert [s.counts_E.tolist() for s in out.stats] == [[30] * E] * 2
     out.loss.backward()
     assert all(layer.router.centroids.weight.grad is not None for layer in model.moe_layers())
@@ -151,12 +157,14 @@ def test_hash_random_map_is_seeded_even_and_per_layer():
     assert torch.equal(a, b)
     assert not torch.equal(a, random_hash_map(1000, 8, seed=6))
     assert torch.bincount(a, minlength=8).tolist() == [125] * 8
-    cfg = RouterConfig(name="hash")
+    cfg = router_config(name="hash")
     cfg.hash.mode = "random"
-    r0 = HashRouter(D, E, cfg, vocab_size=V, layer_idx=0)
-    assert torch.equal(r0.expert_of_token, HashRouter(D, E, cfg, vocab_size=V, layer_idx=0).expert_of_token)
+    r0 = HashRouter.from_config(cfg, D, E, vocab_size=V, layer_idx=0)
+    assert torch.equal(
+        r0.expert_of_token, HashRouter.from_config(cfg, D, E, vocab_size=V, layer_idx=0).expert_of_token
+    )
     assert not torch.equal(
-        r0.expert_of_token, HashRouter(D, E, cfg, vocab_size=V, layer_idx=1).expert_of_token
+        r0.expert_of_token, HashRouter.from_config(cfg, D, E, vocab_size=V, layer_idx=1).expert_of_token
     )
 
 
@@ -180,7 +188,9 @@ def test_hash_balanced_spreads_unseen_ids():
 
 
 def test_hash_routing_is_fixed_and_identical_in_train_and_eval():
-    router = HashRouter(D, E, RouterConfig(name="hash"), vocab_size=V, token_counts=zipf_counts(V))
+    router = HashRouter.from_config(
+        router_config(name="hash"), D, E, vocab_size=V, token_counts=zipf_counts(V)
+    )
     ids = torch.randint(0, V, (32,), generator=torch.Generator().manual_seed(0))
     x = torch.randn(32, D)
     train = router.train()(x, ctx_for(ids))
@@ -193,11 +203,11 @@ def test_hash_routing_is_fixed_and_identical_in_train_and_eval():
 
 
 def test_hash_map_is_saved_in_the_state_dict():
-    cfg = RouterConfig(name="hash")
+    cfg = router_config(name="hash")
     cfg.hash.mode = "random"
-    a = HashRouter(D, E, cfg, vocab_size=V)
+    a = HashRouter.from_config(cfg, D, E, vocab_size=V)
     cfg.hash.seed = 99
-    b = HashRouter(D, E, cfg, vocab_size=V)
+    b = HashRouter.from_config(cfg, D, E, vocab_size=V)
     assert "expert_of_token" in a.state_dict()
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.expert_of_token, b.expert_of_token)
@@ -205,12 +215,16 @@ def test_hash_map_is_saved_in_the_state_dict():
 
 def test_hash_clear_errors():
     with pytest.raises(ValueError, match="token_counts"):
-        HashRouter(D, E, RouterConfig(name="hash"), vocab_size=V)
-    router = HashRouter(D, E, RouterConfig(name="hash"), vocab_size=V, token_counts=zipf_counts(V))
+        HashRouter.from_config(router_config(name="hash"), D, E, vocab_size=V)
+    router = HashRouter.from_config(
+        router_config(name="hash"), D, E, vocab_size=V, token_counts=zipf_counts(V)
+    )
     with pytest.raises(ValueError, match="token ids"):
         router(torch.randn(4, D), RouterContext())
     with pytest.raises(ValueError, match="vocabulary"):
-        HashRouter(D, E, RouterConfig(name="hash"), vocab_size=V, token_counts=zipf_counts(2 * V))
+        HashRouter.from_config(
+            router_config(name="hash"), D, E, vocab_size=V, token_counts=zipf_counts(2 * V)
+        )
 
 
 def test_hash_in_gpt_trains_the_experts():
@@ -218,7 +232,7 @@ def test_hash_in_gpt_trains_the_experts():
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     valid = torch.ones(2, 16, dtype=torch.bool)
     valid[1, 10:] = False
-    out = model(idx, idx, valid_BS=valid)
+    out = lm_forward(model, idx, idx, valid_BS=valid)
     assert [int(s.pairs) for s in out.stats] == [26, 26]
     out.loss.backward()
     assert all(layer.experts.w1_EDH.grad is not None for layer in model.moe_layers())
@@ -229,7 +243,7 @@ def test_hash_in_gpt_trains_the_experts():
 
 def stablemoe_router(seed: int = 0) -> StableMoERouter:
     torch.manual_seed(seed)
-    return StableMoERouter(D, E, RouterConfig(name="stablemoe"), vocab_size=V)
+    return StableMoERouter.from_config(router_config(name="stablemoe"), D, E, vocab_size=V)
 
 
 def test_stablemoe_balance_loss_on_a_hand_example():
@@ -306,7 +320,7 @@ def capture_routings(model) -> list:
 
 def train_steps(model, opt, batches, stage: int) -> None:
     for idx in batches:
-        out = model(idx, idx, gate=GateState(stage=stage))
+        out = lm_forward(model, idx, idx, gate=gate_in_stage(stage))
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -325,7 +339,7 @@ def test_stablemoe_stage2_freezes_the_distilled_router_in_a_gpt():
     others = {n: p.detach().clone() for n, p in model.named_parameters() if ".router.centroids" in n}
     fixed = batches[3]
     seen = capture_routings(model)
-    model(fixed, gate=GateState(stage=2))
+    model(fixed, gate=gate_in_stage(2))
     before = [t.clone() for t in seen]
     train_steps(model, opt, batches, stage=2)
     for name, p in model.named_parameters():
@@ -334,11 +348,11 @@ def test_stablemoe_stage2_freezes_the_distilled_router_in_a_gpt():
         if name in others:
             assert not torch.equal(p, others[name]), name  # centroids keep training
     seen.clear()
-    model(fixed, gate=GateState(stage=2))
+    model(fixed, gate=gate_in_stage(2))
     assert all(torch.equal(b, a) for b, a in zip(before, seen, strict=True))
     seen.clear()
     model.eval()
-    model(fixed, gate=GateState(stage=1))
+    model(fixed, gate=gate_in_stage(1))
     assert all(torch.equal(b, a) for b, a in zip(before, seen, strict=True))  # eval: the distilled router
     ids = fixed.reshape(-1)
     assert all(torch.equal(s, r.distilled(ids).argmax(-1)) for s, r in zip(seen, routers, strict=True))

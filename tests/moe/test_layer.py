@@ -14,7 +14,7 @@ from evomoe.evolve import spawn_layer
 from evomoe.moe.dispatcher import LocalDispatcher, moe_reference
 from evomoe.moe.experts import Experts
 from evomoe.moe.layer import MoELayer
-from evomoe.moe.routing import Router, RouterContext, Routing
+from evomoe.moe.router import Router, RouterContext, RouterSpec, Routing
 
 D, F = 8, 12  # multiples of 4: the grouped kernel accepts fp32 operands
 IMPLS = ("grouped", "padded", "loop")
@@ -25,7 +25,7 @@ class FixedRouter(Router):
     """Returns a hand-built Routing whatever the input."""
 
     def __init__(self, routing: Routing, num_experts: int) -> None:
-        super().__init__(D, num_experts)
+        super().__init__(RouterSpec(D, num_experts))
         self.routing = routing
 
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from evomoe.config import RouterConfig
+from evomoe.config import router_config
 from evomoe.moe.losses import load_balance_loss
+from evomoe.moe.router import GateState, RouterContext
 from evomoe.moe.routers.dts import DTSRouter
 from evomoe.moe.routers.gate import gumbel_like
 from evomoe.moe.routers.soft import SoftRouter
 from evomoe.moe.routers.topk import TopKRouter
-from evomoe.moe.routing import GateState, RouterContext
 
 D = 8
 
@@ -23,11 +23,11 @@ def ctx(tau: float = 1.0, hard: bool = False, valid_T=None) -> RouterContext:
 
 
 def dts(E: int, *, init: str = "normal", seed: int = 0, scale: float = 1.0, **dts_opts) -> DTSRouter:
-    cfg = RouterConfig(gate_init=init)
+    cfg = router_config(gate_init=init)
     for k, v in dts_opts.items():
         setattr(cfg.dts, k, v)
     torch.manual_seed(seed)
-    r = DTSRouter(D, E, cfg)
+    r = DTSRouter.from_config(cfg, D, E)
     with torch.no_grad():
         r.gate.weight.mul_(scale)
     return r.train()
@@ -236,10 +236,10 @@ def test_dts_selection_has_no_gradient_weights_do():
 
 def topk(E: int, **opts) -> TopKRouter:
     """A router whose gate is the identity, so that the input rows are the logits (D = E)."""
-    cfg = RouterConfig()
+    cfg = router_config()
     for k, v in opts.items():
         setattr(cfg.topk, k, v)
-    r = TopKRouter(E, E, cfg)
+    r = TopKRouter.from_config(cfg, E, E)
     with torch.no_grad():
         r.gate.weight.copy_(torch.eye(E))
     return r.train()
@@ -383,7 +383,7 @@ def test_gshard_random_policy():
 def test_soft_every_token_every_expert():
     T, E = 12, 5
     torch.manual_seed(0)
-    r = SoftRouter(D, E, RouterConfig(gate_init="normal"))
+    r = SoftRouter.from_config(router_config(gate_init="normal"), D, E)
     with torch.no_grad():
         r.gate.weight.mul_(20)
     x = torch.randn(T, D)

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import evomoe.moe.dispatcher as dispatcher_mod
-from evomoe.config import RouterConfig
+from evomoe.config import router_config
 from evomoe.moe.dispatcher import LocalDispatcher, moe_reference
 from evomoe.moe.experts import Experts, activate
 from evomoe.moe.layer import MoELayer
+from evomoe.moe.router import GateState, Router, RouterContext, RouterSpec, Routing, pairs_from_mask
 from evomoe.moe.routers.dts import DTSRouter
 from evomoe.moe.routers.topk import TopKRouter
-from evomoe.moe.routing import GateState, Router, RouterContext, Routing, pairs_from_mask
 from evomoe.ops.expert_ffn import expert_ffn_fused, expert_ffn_grouped
 from evomoe.ops.grouped_mm import grouped_mm_loop
 from evomoe.ops.permute import (
@@ -143,7 +143,7 @@ def test_gather_planned_zero_rows_and_backward():
 # ------------------------------------------------------------------------------------------ the layer
 class FixedRouter(Router):
     def __init__(self, routing: Routing, num_experts: int, d: int) -> None:
-        super().__init__(d, num_experts)
+        super().__init__(RouterSpec(d, num_experts))
         self.routing = routing
 
     def forward(self, x_TD, ctx):
@@ -227,21 +227,21 @@ def test_bf16_dispatch_pads_rows_to_16():
 # ------------------------------------------------------------------------------------------ routers
 @pytest.mark.parametrize("k", [1, 2])
 def test_topk_router_fixed_k_pairs(k):
-    cfg = RouterConfig(name="topk", gate_init="normal")
+    cfg = router_config(name="topk", gate_init="normal")
     cfg.topk.k = k
-    r = TopKRouter(16, 6, cfg)
+    r = TopKRouter.from_config(cfg, 16, 6)
     routing = r(torch.randn(10, 16), RouterContext())
     assert routing.fixed_k == k
     assert routing.token_idx_P.tolist() == [t for t in range(10) for _ in range(k)]
     cfg.topk.capacity_factor = 1.0
-    assert TopKRouter(16, 6, cfg)(torch.randn(10, 16), RouterContext()).fixed_k is None
+    assert TopKRouter.from_config(cfg, 16, 6)(torch.randn(10, 16), RouterContext()).fixed_k is None
 
 
 @pytest.mark.parametrize("mode", ["hard", "eval"])
 def test_dts_top1_fixed_k_same_pairs_as_mask(mode):
     torch.manual_seed(0)
-    cfg = RouterConfig(name="dts", gate_init="normal")
-    r = DTSRouter(16, 5, cfg)
+    cfg = router_config(name="dts", gate_init="normal")
+    r = DTSRouter.from_config(cfg, 16, 5)
     if mode == "eval":
         r.eval()
     x = torch.randn(12, 16)

@@ -7,10 +7,11 @@ import torch.distributed as dist
 
 from evomoe.config import Config
 from evomoe.evolve import spawn_model
-from evomoe.models.gpt import GPT
-from evomoe.moe.routing import GateState
+from evomoe.models import GPT
+from evomoe.moe.router import GateState
 from evomoe.parallel.env import WorldInfo
 from evomoe.parallel.wrap import Parallel
+from evomoe.tasks.lm import lm_forward
 
 ATOL = 1e-5
 
@@ -70,7 +71,7 @@ def equivalence(rank: int, world: int, cases: list[tuple[str, dict, dict, dict]]
 
         ref, _ = build(cfg, None)
         torch.manual_seed(123)  # the Gumbel noise of this step
-        out_ref = ref(x, y, gate=state)
+        out_ref = lm_forward(ref, x, y, gate=state)
         (out_ref.loss + out_ref.aux_loss).backward()
         clip_ref = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 0.5)
 
@@ -78,7 +79,7 @@ def equivalence(rank: int, world: int, cases: list[tuple[str, dict, dict, dict]]
         model, fwd = build(cfg, par)
         xl, yl = par.local_batch(x, y)
         torch.manual_seed(123)
-        out = fwd(xl, yl, gate=state)
+        out = lm_forward(fwd, xl, yl, gate=state)
         (out.loss + out.aux_loss).backward()
         par.sync_grads(model)
         clip = par.clip_grad_norm(model, [p for p in model.parameters() if p.grad is not None], 0.5)

@@ -27,8 +27,8 @@ CASES = [
     ("soft", {}, {}, {}),
     ("base", {}, {}, {}),  # BASE layers: balanced assignment over the global batch
     ("hash", {"hash__mode": "random"}, {}, {}),
-    ("stablemoe", {}, {"stage": 1}, {}),  # greedy routing, balance and distillation losses
-    ("stablemoe", {}, {"stage": 2}, {}),  # the frozen distilled router
+    ("stablemoe", {}, {"step": 0, "total_steps": 100}, {}),  # greedy routing, balance and distillation losses
+    ("stablemoe", {}, {"step": 50, "total_steps": 100}, {}),  # the frozen distilled router
     ("topk", {"topk__capacity_factor": 1.0}, {}, {"dp_shard": "fsdp"}),  # FSDP2 for the dense parameters
     ("dts", {}, {"tau": 0.5, "hard": True}, {"dp_shard": "fsdp", "ep": 1}),  # pure data parallel, FSDP2
 ]

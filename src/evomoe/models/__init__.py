@@ -1,3 +1,6 @@
-from .gpt import GPT, GPTOutput
+"""Models, one file each; importing this package registers them in ``evomoe.registry.MODELS``."""
 
-__all__ = ["GPT", "GPTOutput"]
+from .base import ModelOutput, MoEModel, RoutingCollector
+from .decoder import GPT, Decoder
+
+__all__ = ["GPT", "Decoder", "ModelOutput", "MoEModel", "RoutingCollector"]

@@ -18,7 +18,7 @@ from ..ops.permute import (
     sort_by_expert,
     weighted_scatter_sum_rows,
 )
-from .routing import Routing
+from .router import Routing
 
 
 @dataclass

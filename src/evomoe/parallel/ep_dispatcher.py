@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..moe.routing import Routing
+from ..moe.router import Routing
 from ..ops.permute import gather_rows, scatter_add_rows, sort_by_expert
 from .comm import CommStats, all_to_all_rows, exchange_counts
 

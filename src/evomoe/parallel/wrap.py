@@ -23,12 +23,12 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..config import Config, ConfigError
-from ..evolve import fresh_experts, spawn_layer
+from ..evolve import fresh_experts, spawn_model
 from . import checkpoint as pckpt
 from .comm import CommStats, all_gather_rows
 from .env import WorldInfo
 from .ep_dispatcher import EPDispatcher
-from .routing import GlobalBatchRouting
+from .global_routing import GlobalBatchRouting
 
 MANUAL = (".experts.", ".router.")  # parameter-name parts reduced by sync_grads, not by DDP / FSDP
 
@@ -145,26 +145,15 @@ class Parallel:
     def spawn_model(
         self, model: nn.Module, cfg: Config, generator: torch.Generator, router_info: dict
     ) -> dict:
-        """evolve.spawn_model layer by layer, each layer sharded right after its spawn: only one layer's full
-        expert set exists at a time. Every rank draws the same numbers (same generator, same global RNG) as
-        the single-process spawn, so each local expert equals that run's expert of the same global id."""
-        mapping: dict = {}
-        for layer_idx, layer in enumerate(model.moe_layers()):
-            spawned = spawn_layer(layer, cfg, generator, layer_idx=layer_idx, **router_info)
-            mapping.update(self._shard_layer(layer, spawned))
-        return mapping
+        """``evolve.spawn_model`` with each layer sharded right after its spawn: only one layer's full expert
+        set exists at a time. Every rank draws the same numbers (same generator, same global RNG) as the
+        single-process spawn, so each local expert equals that run's expert of the same global id."""
+        return spawn_model(model, cfg, generator, after_layer=self._shard_layer, **router_info)
 
     def fresh_experts(
         self, model: nn.Module, cfg: Config, generator: torch.Generator, router_info: dict
     ) -> dict:
-        mapping = fresh_experts(model, cfg, generator, **router_info)
-        out: dict = {}
-        for layer in model.moe_layers():
-            mine = {
-                old: new for old, new in mapping.items() if any(new is p for p in layer.experts.parameters())
-            }
-            out.update(self._shard_layer(layer, mine))
-        return out
+        return fresh_experts(model, cfg, generator, after_layer=self._shard_layer, **router_info)
 
     def prepare_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """FSDP2 leaves experts and routers plain tensors next to DTensors: foreach kernels reject the mix."""

@@ -38,17 +38,17 @@ def run_training(
         return None
     final = result["eval"] or trainer.evaluate()
     summary = {
+        "task": cfg.task.name,
         "router": cfg.router.name if cfg.moe.enabled else "dense",
         "seed": cfg.train.seed,
         "steps": trainer.state.step,
-        "val_loss": final["val_loss"],
-        "val_ppl": final["val_ppl"],
-        "val_bpb": final["val_bpb"],
+        **{k: final[k] for k in trainer.task.metric_names},
         "train_flops": trainer.state.flops,
         "tokens": trainer.state.tokens,
         "train_seconds": trainer.state.train_seconds,
         "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
         "skipped_steps": trainer.state.skipped_total,
+        "headline": trainer.task.summary(final),
     }
     write_bytes_atomic(out / "results.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
     from .report import write_report  # noqa: PLC0415 - matplotlib only once training is done (fast start)

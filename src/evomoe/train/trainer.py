@@ -1,12 +1,13 @@
 """The training loop: phases (diversify -> sparsify -> sparse), eval, checkpoints, metrics, report.
 
-One step: schedules give lr, temperature and the hard flag for this step; the model returns the LM loss
-and the aux losses; non-finite steps are skipped; statistics stay on the device until a log line.
+The trainer drives a task and a model through their interfaces (``tasks.base.Task``, ``models.MoEModel``)
+and knows neither by name, nor any router. One step: schedules give lr, temperature and the hard flag; the
+task gives the batch and the loss, the model its output and aux losses; non-finite steps are skipped;
+statistics stay on the device until a log line; then every router's ``on_step`` hook runs.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -14,17 +15,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import Config, to_dict
-from ..data import load_token_data
-from ..models import GPT
-from ..moe.routing import GateState
+from ..moe.router import GateState
 from ..parallel.base import NullWriter, make_parallel
+from ..registry import MODELS, ROUTERS, TASKS
 from ..schedule import Schedules, build_schedules
+from ..tasks.base import Batch, EvalContext
+from ..tasks.flops import step_flops
 from . import checkpoint as ckpt
-from .flops import training_flops
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
 
@@ -64,6 +64,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_task(cfg: Config, env: Mapping[str, str], log: Callable[[str], None], data=None):
+    """The configured task; ``data`` (tests, benchmarks) replaces the corpus a task would load."""
+    cls = TASKS.get(cfg.task.name)
+    return cls(cfg, env, log, data=data) if data is not None else cls(cfg, env, log)
+
+
+def model_class(cfg: Config) -> type:
+    """The configured model; ``model.name = auto`` is the task's default (its first model kind)."""
+    name = cfg.model.name
+    return MODELS.get(TASKS.get(cfg.task.name).model_kinds[0] if name == "auto" else name)
+
+
 class Trainer:
     def __init__(
         self,
@@ -83,18 +95,10 @@ class Trainer:
         self.par = make_parallel(cfg, env or {}, self.device, log)
         self.show_progress = progress and self.par.is_main
         torch.manual_seed(t.seed)
-        self.data = data or self.par.main_first(
-            lambda: load_token_data(cfg.data, cfg.model.seq_len, t.batch_size, env=env or {}, log=log)
-        )
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.data.tokenizer.vocab_size
-        elif cfg.model.vocab_size < self.data.tokenizer.vocab_size:
-            raise TrainingError(
-                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
-                f"{self.data.tokenizer.vocab_size} (set it to 0 to take the tokenizer's)"
-            )
+        self.task = self.par.main_first(lambda: build_task(cfg, env or {}, log, data))
+        self._set_vocab_size()
+        self.model = model_class(cfg)(cfg.model, cfg.moe).to(self.device)
         self.router_info = self._router_info()
-        self.model = GPT(cfg.model, cfg.moe).to(self.device)
         self.schedules: Schedules = build_schedules(cfg)
         self.spawn_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17)
         if cfg.moe.enabled and cfg.evolve.diversify_steps == 0:
@@ -107,17 +111,22 @@ class Trainer:
         self.interval = IntervalStats()
 
     # ------------------------------------------------------------------------------------------ setup
-    def _router_info(self) -> dict:
-        info: dict = {"vocab_size": self.cfg.model.vocab_size}
-        if self.cfg.router.name in ("hash",):
-            counts = np.bincount(np.asarray(self.data.train), minlength=self.cfg.model.vocab_size)
-            info["token_counts"] = torch.from_numpy(counts.astype(np.int64))
-        if self.cfg.router.name == "stablemoe":
-            info["stage2_step"] = self.schedules_stage2()
-        return info
+    def _set_vocab_size(self) -> None:
+        m, vocab = self.cfg.model, self.task.vocab_size
+        if m.vocab_size == 0:
+            m.vocab_size = vocab
+        elif m.vocab_size < vocab:
+            raise TrainingError(
+                f"model.vocab_size = {m.vocab_size} is smaller than the tokenizer's {vocab} "
+                "(set it to 0 to take the tokenizer's)"
+            )
 
-    def schedules_stage2(self) -> int:
-        return build_schedules(self.cfg).stage2_step
+    def _router_info(self) -> dict:
+        """What the configured router declared it needs (``Router.needs``), from the task."""
+        info: dict = {"vocab_size": self.cfg.model.vocab_size}
+        if self.cfg.moe.enabled and "token_counts" in ROUTERS.get(self.cfg.router.name).needs:
+            info["token_counts"] = self.task.token_counts()
+        return info
 
     def spawn(self) -> None:
         mapping = self.par.spawn_model(self.model, self.cfg, self.spawn_gen, self.router_info)
@@ -127,12 +136,8 @@ class Trainer:
 
     def gate_state(self, step: int) -> GateState:
         s = self.schedules
-        return GateState(
-            tau=s.tau(step),
-            hard=s.phases.phase(step) == "sparse",
-            step=step,
-            stage=1 if step < s.stage2_step else 2,
-        )
+        hard = s.phases.phase(step) == "sparse"
+        return GateState(s.tau(step), hard, step, s.phases.spawn_step, s.total_steps)
 
     # ------------------------------------------------------------------------------------------ state
     def trainer_state(self) -> dict:
@@ -140,6 +145,7 @@ class Trainer:
             "step": self.state.step,
             "run": asdict(self.state),
             "spawned": self.model.spawned,
+            "schema": self.cfg.schema,
             "optimizer": self.par.full_optimizer_state(self.opt),
             "schedules": self.schedules.state_dict(),
             "rng": rng_state(),
@@ -187,24 +193,22 @@ class Trainer:
         if cfg.moe.enabled and not self.model.spawned and step >= self.schedules.phases.spawn_step:
             self.spawn()
         set_lr(self.opt, self.schedules.lr(step))
-        batch = self.data.train_batch(step, cfg.train.seed, cfg.train.batch_size, cfg.model.seq_len)
-        x_global = batch[0]
-        x, y = self.par.local_batch(*batch)  # this rank's rows of the global batch
-        x, y = x.to(self.device), y.to(self.device)
+        batch = self.task.train_batch(step)
+        local = self.local(batch)  # this rank's rows of the global batch
         with self.autocast():
-            out = self.fwd(x, y, gate=self.gate_state(step))
-        loss = out.loss + out.aux_loss
-        loss.backward()
+            out = self.fwd(**local.inputs, gate=self.gate_state(step))
+            loss = self.task.loss(out, local)
+        (loss + out.aux_loss).backward()
         self.par.sync_grads(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         # per-parameter norms before clipping (which spreads a NaN to every gradient), to name the layer;
         # FSDP holds DTensor gradients: their local shards are enough for that
-        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
-        pre_clip_norms = torch._foreach_norm(local) if local else []
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        pre_clip_norms = torch._foreach_norm(grads) if grads else []
         grad_norm = self.par.clip_grad_norm(self.model, params, clip)
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-        flops = self.step_flops(out.stats, x.numel())
+        finite = bool(torch.isfinite(loss + out.aux_loss) and torch.isfinite(grad_norm))
+        flops = self.step_flops(out, local)
         finite, flops = self.par.reduce_step(finite, flops, self.stop_requested)  # agreed by all ranks
         if not finite:
             self.skip_step(step, loss, params, pre_clip_norms)
@@ -212,9 +216,15 @@ class Trainer:
             self.opt.step()
             self.state.skipped_in_a_row = 0
         self.opt.zero_grad(set_to_none=True)
-        interval.add(out.loss, out.aux, out.stats, grad_norm)
+        for layer in self.model.moe_layers():  # router hooks (bias updates, adaptive coefficients, ...)
+            if layer.router is not None:
+                layer.router.on_step(step)
+        interval.add(loss, out.aux, out.stats, grad_norm)
         self.state.flops += flops
-        self.state.tokens += x_global.numel()
+        self.state.tokens += batch.num_tokens
+
+    def local(self, batch: Batch) -> Batch:
+        return batch.map(lambda t: self.par.local_batch(t)[0].to(self.device))
 
     def autocast(self):
         enabled = self.cfg.train.precision == "bf16"
@@ -234,45 +244,50 @@ class Trainer:
                 "data; the last good checkpoint is kept"
             )
 
-    def step_flops(self, stats, tokens: int) -> float:
-        cfg = self.cfg.model
-        moe_pairs = sum(float(s.pairs) for s in stats)
-        n_dense = cfg.n_layers - len(stats)
-        routed = sum(float(s.tokens) for s in stats) if self.model.spawned else 0.0
-        return training_flops(
-            cfg, tokens, cfg.seq_len, moe_pairs + n_dense * tokens, routed, self.cfg.moe.num_experts
-        )
+    def step_flops(self, out, local: Batch) -> float:
+        """Training FLOPs executed by this rank's forward + backward (see ``tasks.flops``)."""
+        rows = float(out.ffn_rows) if out.ffn_rows is not None else 0.0
+        routed = sum(float(s.tokens) for s in out.stats) if self.model.spawned else 0.0
+        dense = self.task.forward_dense_flops(local)
+        return step_flops(dense, rows, routed, self.cfg.model, self.cfg.moe.num_experts)
 
     # ------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """The task's metrics on its validation set, plus the phase, experts per token and counters. Leaves
+        the RNG as it found it (evaluation draws nothing the training run would see)."""
         saved_rng = rng_state()
         self.model.eval()
-        t = self.cfg.train
-        total_loss, total_tokens, total_bytes, pairs = 0.0, 0, 0.0, 0.0
-        gate = self.gate_state(max(self.state.step - 1, 0))
-        for x, y in self.data.val_batches(t.eval_batches, t.batch_size, self.cfg.model.seq_len):
-            x, y = self.par.local_batch(x, y)
-            x, y = x.to(self.device), y.to(self.device)
+        step = max(self.state.step - 1, 0)
+        routed = [0.0, 0.0]  # sum over batches of (mean experts/token over MoE layers) * tokens, tokens
+
+        def forward(batch: Batch):
+            local = self.local(batch)
             with self.autocast():
-                out = self.model(x, y, gate=gate)
-            total_loss += out.loss.item() * y.numel()
-            total_tokens += y.numel()
-            total_bytes += float(self.data.target_bytes(y))
+                out = self.model(**local.inputs, gate=self.gate_state(step))
             if out.stats:
-                pairs += sum(float(s.pairs) / float(s.tokens) for s in out.stats) / len(out.stats) * y.numel()
-        self.model.train()
-        set_rng_state(saved_rng)
-        sums = self.par.sum_floats([total_loss, total_tokens, total_bytes, pairs])  # over the ranks' rows
-        total_loss, total_tokens, total_bytes, pairs = sums
-        val_loss = total_loss / total_tokens
+                tokens = sum(float(s.tokens) for s in out.stats) / len(out.stats)
+                per_token = [float(s.pairs) / max(float(s.tokens), 1.0) for s in out.stats]
+                routed[0] += sum(per_token) / len(per_token) * tokens
+                routed[1] += tokens
+            return out, local
+
+        main = self.par.is_main
+        gate, out_dir = self.gate_state(step), self.out if main else None
+        ctx = EvalContext(
+            forward, self.par.sum_floats, self.model, gate, self.device, self.state.step, out_dir, main
+        )
+        try:
+            metrics = self.task.evaluate(ctx)
+        finally:
+            self.model.train()
+            set_rng_state(saved_rng)
+        pairs, tokens = self.par.sum_floats(routed)
         return {
             "step": self.state.step,
-            "phase": self.schedules.phases.phase(max(self.state.step - 1, 0)),
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-            "val_bpb": total_loss / math.log(2) / max(total_bytes, 1.0),
-            "experts_per_token": pairs / total_tokens,
+            "phase": self.schedules.phases.phase(step),
+            **metrics,
+            "experts_per_token": pairs / tokens if tokens else 1.0,
             "flops": self.state.flops,
             "tokens": self.state.tokens,
         }
@@ -297,11 +312,12 @@ class Trainer:
                 interval_seconds, interval_tokens = 0.0, 0
                 for step in range(self.state.step, t.steps):
                     tic = time.perf_counter()
+                    tokens_before = self.state.tokens
                     self.train_step(step, interval)
                     dt = time.perf_counter() - tic
                     self.state.train_seconds += dt
                     interval_seconds += dt
-                    interval_tokens += t.batch_size * cfg.model.seq_len
+                    interval_tokens += self.state.tokens - tokens_before
                     self.state.step = done = step + 1
                     if done % t.log_every == 0 or done == t.steps:
                         comm = self.par.reduce_interval(interval, self.model.spawned)  # all ranks' statistics

@@ -8,22 +8,42 @@ top-1 of softmax(z), no noise, no dropping. Legend: T tokens, D width, E experts
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ...config import RouterConfig
+from ...config import choice, finite_nonneg
+from ...config.errors import check
 from ...registry import ROUTERS
 from ..losses import load_balance_loss
-from ..routing import Router, RouterContext, Routing, pairs_from_mask, pairs_from_topk
-from .gate import LinearGate, gumbel_like, resolve_init
+from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask, pairs_from_topk
+from .gate import LinearGate, gumbel_like
+
+
+@dataclass
+class DTSOptions:
+    threshold: float = 0.001
+    combine: str = "clean"  # clean: softmax(z) masked; noisy: the tempered noisy weights y masked
+    balance_weight: float = 0.0
+    gumbel: bool = True
+
+    def validate(self, cfg, prefix: str) -> None:
+        check(0.0 <= self.threshold < 1.0, f"{prefix}.threshold", self.threshold, "must be in [0, 1)")
+        choice(f"{prefix}.combine", self.combine, ("clean", "noisy"))
+        finite_nonneg(prefix, self, ("balance_weight",))
 
 
 @ROUTERS.register("dts")
 class DTSRouter(Router):
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg.dts
-        self.gate = LinearGate(d_model, num_experts, resolve_init(cfg.gate_init, "zeros"))
+    Options = DTSOptions
+    dense_to_sparse = True
+    default_gate_init = "zeros"  # a uniform start; the Gumbel noise breaks ties
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        self.cfg = self.opts
+        self.gate = LinearGate(spec.d_model, spec.num_experts, self.gate_init)
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight}

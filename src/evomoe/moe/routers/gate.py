@@ -24,10 +24,6 @@ class LinearGate(nn.Module):
             return x_TD.float() @ self.weight.float().t()
 
 
-def resolve_init(init: str, auto: str) -> str:
-    return auto if init == "auto" else init
-
-
 def gumbel_like(z: torch.Tensor) -> torch.Tensor:
     """i.i.d. Gumbel(0, 1) noise from the global RNG (saved in checkpoints for exact resume)."""
     u = torch.rand_like(z).clamp_(1e-10, 1.0 - 1e-7)

@@ -15,13 +15,13 @@ Legend: T tokens, V vocabulary, E experts, P pairs.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 
-from ...config import RouterConfig
+from ...config import choice
 from ...registry import ROUTERS
-from ..routing import Router, RouterContext, Routing
-from .base import valid_tokens
+from ..router import Router, RouterContext, RouterSpec, Routing, valid_tokens
 
 
 def random_hash_map(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
@@ -55,36 +55,37 @@ def hash_loads(map_V: torch.Tensor, token_counts_V: torch.Tensor, num_experts: i
     return torch.zeros(num_experts, dtype=torch.long).index_add_(0, map_V.cpu(), token_counts_V.cpu().long())
 
 
-def resolve_vocab_size(vocab_size, model_cfg, token_counts, router: str) -> int:
-    """Vocabulary size from the router info: ``vocab_size``, else ``model_cfg.vocab_size``, else counts."""
-    for v in (vocab_size, getattr(model_cfg, "vocab_size", None)):
-        if v:
-            return int(v)
-    if token_counts is not None:
-        return int(token_counts.numel())
-    raise ValueError(f"the {router} router needs the vocabulary size (vocab_size=... or model.vocab_size)")
+def require_vocab_size(spec: RouterSpec, router: str) -> int:
+    """The vocabulary size a token-id router needs: ``spec.vocab_size``, else the length of the counts."""
+    if spec.vocab_size:
+        return int(spec.vocab_size)
+    if spec.token_counts is not None:
+        return int(spec.token_counts.numel())
+    raise ValueError(f"the {router} router needs the vocabulary size (RouterSpec.vocab_size)")
+
+
+@dataclass
+class HashOptions:
+    mode: str = "balanced"  # balanced | random
+    seed: int = 0
+
+    def validate(self, cfg, prefix: str) -> None:
+        choice(f"{prefix}.mode", self.mode, ("balanced", "random"))
 
 
 @ROUTERS.register("hash")
 class HashRouter(Router):
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        cfg: RouterConfig,
-        vocab_size: int | None = None,
-        token_counts: torch.Tensor | None = None,
-        layer_idx: int = 0,
-        model_cfg: object = None,
-        **_: object,
-    ) -> None:
-        super().__init__(d_model, num_experts)
-        self.mode = cfg.hash.mode
-        V = resolve_vocab_size(vocab_size, model_cfg, token_counts, "hash")
+    Options = HashOptions
+    needs = frozenset({"token_ids", "token_counts"})
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        self.mode = self.opts.mode
+        V, E = require_vocab_size(spec, "hash"), spec.num_experts
         if self.mode == "random":
-            map_V = random_hash_map(V, num_experts, cfg.hash.seed * 1_000_003 + layer_idx)
+            map_V = random_hash_map(V, E, self.opts.seed * 1_000_003 + spec.layer_idx)
         elif self.mode == "balanced":
-            map_V = balanced_hash_map(self._counts(token_counts, V), num_experts)
+            map_V = balanced_hash_map(self._counts(spec.token_counts, V), E)
         else:
             raise ValueError(f"router.hash.mode = {self.mode!r}: choose from: balanced, random")
         self.register_buffer("expert_of_token", map_V, persistent=True)
@@ -94,7 +95,7 @@ class HashRouter(Router):
         if token_counts is None:
             raise ValueError(
                 "router.hash.mode = 'balanced' needs token_counts (training-set frequency of each token id); "
-                "pass token_counts=... when building the router, or use router.hash.mode=random"
+                "pass RouterSpec.token_counts, or use router.hash.mode=random"
             )
         counts = torch.as_tensor(token_counts).long().flatten()
         if counts.numel() > V:

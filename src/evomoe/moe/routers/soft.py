@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from ...config import RouterConfig
 from ...registry import ROUTERS
-from ..routing import Router, RouterContext, Routing, pairs_from_mask
-from .gate import LinearGate, resolve_init
+from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
+from .gate import LinearGate
 
 
 @ROUTERS.register("soft")
 class SoftRouter(Router):
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
-        super().__init__(d_model, num_experts)
-        self.gate = LinearGate(d_model, num_experts, resolve_init(cfg.gate_init, "normal"))
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        self.gate = LinearGate(spec.d_model, spec.num_experts, self.gate_init)
 
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         p_TE = torch.softmax(self.gate(x_TD), dim=-1)

@@ -4,7 +4,8 @@ Affinity a[t, e] = x_t . c_e (centroids c_e as in BASE layers, float32). The pai
 sigmoid(a[t, e]) with gradient, so experts and centroids train in both stages; the block's residual
 supplies the "+ x" of the spec's output.
 
-Stage 1 (``ctx.gate.stage == 1``, training): greedy top-1 on a. Aux losses (unscaled; weights
+Stage 1 (training, the first ``stage1_fraction`` of the steps after the spawn: ``stage_of``): greedy
+top-1 on a. Aux losses (unscaled; weights
 ``router.stablemoe.balance_weight`` / ``distill_weight``):
 - balance = (1/T) * sum_e ((|A_e| - n) / n) * sum_{t in A_e} sigmoid(a[t, e]), n = T / E, A_e the tokens
   sent to e and T the valid tokens. The spec's sum grows with the batch; dividing by T keeps its scale
@@ -20,15 +21,17 @@ Padding (``ctx.valid_T`` False) is neither routed nor counted. Legend: T tokens,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import RouterConfig
+from ...config import check, finite_nonneg
 from ...registry import ROUTERS
-from ..routing import Router, RouterContext, Routing
-from .base import CentroidGate, sigmoid_pairs, valid_tokens
-from .hash import resolve_vocab_size
+from ..router import GateState, Router, RouterContext, RouterSpec, Routing, valid_tokens
+from .base_layers import CentroidGate, sigmoid_pairs
+from .hash import require_vocab_size
 
 
 class DistilledRouter(nn.Module):
@@ -63,22 +66,38 @@ def distill_loss(logits_PE: torch.Tensor, target_P: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits_PE, target_P.detach())
 
 
+@dataclass
+class StableMoEOptions:
+    stage1_fraction: float = 0.1  # share of the run's steps after the spawn spent in stage 1
+    embed_dim: int = 50
+    balance_weight: float = 0.3
+    distill_weight: float = 0.3
+
+    def validate(self, cfg, prefix: str) -> None:
+        f = self.stage1_fraction
+        check(0.0 < f < 1.0, f"{prefix}.stage1_fraction", f, "must be in (0, 1)")
+        check(self.embed_dim >= 1, f"{prefix}.embed_dim", self.embed_dim, "must be >= 1")
+        finite_nonneg(prefix, self, ("balance_weight", "distill_weight"))
+
+
+def stage_of(gate: GateState, stage1_fraction: float) -> int:
+    """1 for the first ``stage1_fraction`` of the steps from the spawn to the end of the run (at least one
+    step), then 2. The plan (spawn, total steps) is fixed at the run's start and saved with it."""
+    stage1 = max(1, int(round(stage1_fraction * (gate.total_steps - gate.spawn_step))))
+    return 1 if gate.step < gate.spawn_step + stage1 else 2
+
+
 @ROUTERS.register("stablemoe")
 class StableMoERouter(Router):
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        cfg: RouterConfig,
-        vocab_size: int | None = None,
-        model_cfg: object = None,
-        **_: object,
-    ) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg.stablemoe
-        self.centroids = CentroidGate(d_model, num_experts)
-        V = resolve_vocab_size(vocab_size, model_cfg, None, "stablemoe")
-        self.distilled = DistilledRouter(V, num_experts, self.cfg.embed_dim)
+    Options = StableMoEOptions
+    needs = frozenset({"token_ids"})
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        self.cfg = self.opts
+        self.centroids = CentroidGate(spec.d_model, spec.num_experts)
+        V = require_vocab_size(spec, "stablemoe")
+        self.distilled = DistilledRouter(V, spec.num_experts, self.cfg.embed_dim)
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight, "distill": self.cfg.distill_weight}
@@ -86,12 +105,10 @@ class StableMoERouter(Router):
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         if ctx.token_ids_T is None:
             raise ValueError("the stablemoe router needs the token ids: RouterContext.token_ids_T is None")
-        if ctx.gate.stage not in (1, 2):
-            raise ValueError(f"GateState.stage = {ctx.gate.stage!r}: StableMoE has stages 1 and 2")
         logits_TE = self.centroids(x_TD)
         token_P = valid_tokens(ctx, x_TD.shape[0], x_TD.device)
         ids_P = ctx.token_ids_T.reshape(-1).index_select(0, token_P)
-        if self.training and ctx.gate.stage == 1:
+        if self.training and stage_of(ctx.gate, self.cfg.stage1_fraction) == 1:
             return self.learn_routing(logits_TE, token_P, ids_P)
         with torch.no_grad():
             probs_TE = torch.softmax(self.distilled(ctx.token_ids_T.reshape(-1)), -1)

@@ -1,22 +1,24 @@
 """Top-k routers: Switch (k=1) and GShard (k=2), with optional capacity and token dropping.
 
 Capacity C = k * ceil(capacity_factor * T / E) pairs per expert (Switch: ceil(cf*T/E), GShard: 2*ceil(T/E);
-capacity_factor 0: dropless). Pairs past capacity are dropped in priority order: all first choices (in token order) before any second choice.
+capacity_factor 0: dropless). Pairs past capacity are dropped in priority order: all first choices (in
+token order) before any second choice.
 A dropped pair contributes nothing; the block's residual carries the token. Legend: T, E, K = k, P pairs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ...config import RouterConfig
+from ...config import check, choice, finite_nonneg
 from ...registry import ROUTERS
 from ..losses import load_balance_loss, router_z_loss
-from ..routing import Router, RouterContext, Routing, pairs_from_topk
-from .gate import LinearGate, gumbel_like, resolve_init
+from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_topk
+from .gate import LinearGate, gumbel_like
 
 
 def capacity_keep(
@@ -44,12 +46,36 @@ def second_choice(z_TE: torch.Tensor, p_TE: torch.Tensor, first_T: torch.Tensor,
     return second_T, keep_T
 
 
+@dataclass
+class TopKOptions:
+    k: int = 1
+    capacity_factor: float = 0.0  # 0 means dropless
+    second_policy: str = "all"  # all | sampling | random (k == 2 only)
+    renormalize: bool = True  # k >= 2: weights divided by their sum over the chosen experts
+    aux_weight: float = 0.01
+    z_loss_weight: float = 0.0
+
+    def validate(self, cfg, prefix: str) -> None:
+        E = cfg.moe.num_experts
+        check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
+        check(
+            self.capacity_factor >= 0.0,
+            f"{prefix}.capacity_factor",
+            self.capacity_factor,
+            "must be >= 0 (0: dropless)",
+        )
+        choice(f"{prefix}.second_policy", self.second_policy, ("all", "sampling", "random"))
+        finite_nonneg(prefix, self, ("aux_weight", "z_loss_weight"))
+
+
 @ROUTERS.register("topk")
 class TopKRouter(Router):
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg.topk
-        self.gate = LinearGate(d_model, num_experts, resolve_init(cfg.gate_init, "normal"))
+    Options = TopKOptions
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        self.cfg = self.opts
+        self.gate = LinearGate(spec.d_model, spec.num_experts, self.gate_init)
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}

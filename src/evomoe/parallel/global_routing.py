@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..moe.routing import RouterContext, Routing
+from ..moe.router import RouterContext, Routing
 from .comm import CommStats, all_gather_rows, gather_sizes
 
 

@@ -12,13 +12,15 @@ Legend: T tokens, D width, E experts, P pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ...config import RouterConfig
+from ...config import check, finite_nonneg
 from ...ops.auction import balanced_assignment
 from ...registry import ROUTERS
-from ..routing import Router, RouterContext, Routing
+from ..router import Router, RouterContext, RouterSpec, Routing, valid_tokens
 
 
 class CentroidGate(nn.Module):
@@ -38,24 +40,29 @@ class CentroidGate(nn.Module):
             return x_TD.float() @ self.weight.float().t()
 
 
-def valid_tokens(ctx: RouterContext, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """Indices of the tokens to route (all, or those with ``ctx.valid_T`` True), ascending."""
-    if ctx.valid_T is None:
-        return torch.arange(num_tokens, device=device)
-    return ctx.valid_T.nonzero().squeeze(1)
-
-
 def sigmoid_pairs(logits_TE: torch.Tensor, token_P: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
     """weight_P = sigmoid(logits[t, e]) of each pair, with gradient to x and the centroids."""
     return torch.sigmoid(logits_TE[token_P, expert_P])
 
 
+@dataclass
+class BaseOptions:
+    auction_eps: float = 0.0  # 0: chosen from the affinities' scale
+    auction_iters: int = 200
+
+    def validate(self, cfg, prefix: str) -> None:
+        check(self.auction_iters >= 1, f"{prefix}.auction_iters", self.auction_iters, "must be >= 1")
+        finite_nonneg(prefix, self, ("auction_eps",))
+
+
 @ROUTERS.register("base")
 class BaseLayerRouter(Router):
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, **_: object) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg.base
-        self.centroids = CentroidGate(d_model, num_experts)
+    Options = BaseOptions
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__(spec)
+        self.cfg = self.opts
+        self.centroids = CentroidGate(spec.d_model, spec.num_experts)
 
     def assign(self, a_PE: torch.Tensor) -> torch.Tensor:
         """Expert of each routed token: balanced auction in training, greedy top-1 in evaluation."""

@@ -1,0 +1,60 @@
+"""The decoder-only language model (GPT, pre-norm), its FFN an MoE layer every ``moe_every`` blocks.
+
+Legend: B batch, S sequence, D width, V vocabulary. Parameter names are those of the first release
+(``tok_emb``, ``blocks.N.attn.qkv``, ``lm_head``), so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, MoEConfig
+from ..moe.layer import MoELayer
+from ..moe.router import GateState, RouterContext
+from ..registry import MODELS
+from .base import ModelOutput, MoEModel, RoutingCollector
+from .blocks import Block, embed_tokens, init_gpt2_style
+
+
+@MODELS.register("decoder")
+class Decoder(MoEModel):
+    kind = "decoder"
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg, self.moe_cfg = cfg, moe
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, moe, i, "causal") for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        init_gpt2_style(self, cfg.n_layers)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(
+        self, tokens_BS: torch.Tensor, valid_BS: torch.Tensor | None = None, gate: GateState | None = None
+    ) -> ModelOutput:
+        """``valid_BS``: False for padding (never attended to, never routed)."""
+        B, S = tokens_BS.shape
+        x_BSD = embed_tokens(self.tok_emb, self.pos_emb, tokens_BS)
+        ctx = RouterContext(
+            gate=gate or GateState(),
+            token_ids_T=tokens_BS.reshape(-1),
+            valid_T=None if valid_BS is None else valid_BS.reshape(-1),
+            shape=(B, S),
+        )
+        collect = RoutingCollector(len(self.moe_layers()), x_BSD)
+        for block in self.blocks:
+            x_BSD, routing, stats = block(x_BSD, ctx, valid_BS)
+            collect.add(block.ffn, block.is_moe, routing, stats)
+        return collect.output(self.lm_head(self.ln_f(x_BSD)))
+
+
+GPT = Decoder  # the first release's name
