@@ -123,3 +123,27 @@ def test_chunk_loss_equals_brute_force_at_least_one_fires(shape, chunk):
 def test_chunks_stay_inside_sequences():
     idx, n = chunk_index((2, 5), 2)
     assert n == 6 and idx.tolist() == [0, 0, 1, 1, 2, 3, 3, 4, 4, 5]
+
+
+def test_topk_and_dts_take_the_shared_balancing_only_when_asked():
+    from evomoe.moe.router import GateState, RouterContext, RouterSpec
+    from evomoe.moe.routers.dts import DTSOptions, DTSRouter
+    from evomoe.moe.routers.topk import TopKOptions, TopKRouter
+
+    spec = lambda o: RouterSpec(d_model=8, num_experts=4, options=o)  # noqa: E731
+    assert set(TopKRouter(spec(TopKOptions())).state_dict()) == {"gate.weight"}  # earlier releases' layout
+    assert set(DTSRouter(spec(DTSOptions())).state_dict()) == {"gate.weight"}
+    torch.manual_seed(0)
+    r = TopKRouter(spec(TopKOptions(bias_rate=0.01))).train()
+    x = torch.randn(32, 8)
+    ctx = RouterContext(gate=GateState(), shape=(4, 8))
+    with torch.no_grad():
+        r.balancer.bias_E.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    out = r(x, ctx)
+    assert (out.expert_idx_P == 2).all()  # the bias picks the expert ...
+    torch.testing.assert_close(out.weight_P, torch.softmax(r.gate(x), -1)[:, 2])  # ... not the weight
+    r.on_step(0)
+    assert r.balancer.bias_E[2] < 5.0 and r.balancer.bias_E[0] > 0.0  # overloaded down, idle up
+    d = DTSRouter(spec(DTSOptions(balance="sequence", balance_weight=0.01))).train()
+    aux = d(x, RouterContext(gate=GateState(tau=1.0), shape=(4, 8))).aux
+    assert torch.isfinite(aux["balance"])

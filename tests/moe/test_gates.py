@@ -116,7 +116,7 @@ def test_sigma_stages_per_layer_and_switch_step():
     with pytest.raises(ConfigError, match="stages"):
         parse_stages("5:1")
     cfg = Config()
-    cfg.router.sigma.stages = "0:2; 10:99"
+    cfg.router.name, cfg.router.sigma.stages = "sigma", "0:2; 10:99"
     with pytest.raises(ConfigError, match=r"router\.sigma\.stages"):
         validate(cfg)
     r0 = make(SigmaRouter, SigmaOptions(stages="0:2,1; 50:1"), E=4, layer=0)
@@ -243,3 +243,12 @@ def test_step_state_survives_a_state_dict_round_trip(cls, opts):
     assert r.loss_weights() == r2.loss_weights()
     a, b = r.eval()(x, ctx(step=3)), r2.eval()(x, ctx(step=3))
     torch.testing.assert_close(dense(a, 16, 4), dense(b, 16, 4))
+
+
+def test_tables_of_unselected_routers_need_not_fit_the_expert_count():
+    cfg = Config()
+    cfg.moe.num_experts = 1  # dselect_k / comet default to k = 2: fine while another router is chosen
+    validate(cfg)
+    cfg.router.name = "comet"
+    with pytest.raises(ConfigError, match=r"router\.comet\.k = 2"):
+        validate(cfg)

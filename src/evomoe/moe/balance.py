@@ -17,6 +17,7 @@ restores it exactly. Legend: T tokens, E experts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,12 @@ class BalanceOptions:
             self.bias_rate,
             "this router selects by its weights themselves (no separate selection score): leave it at 0",
         )
+
+
+def experts_if_selected(cfg, prefix: str) -> float:
+    """moe.num_experts when ``prefix`` (``router.<name>``) is the configured router, else no bound: every
+    router's table is validated, but only the chosen one must fit the expert count."""
+    return cfg.moe.num_experts if cfg.router.name == prefix.rsplit(".", 1)[-1] else math.inf
 
 
 def balance_weights(opts: BalanceOptions) -> dict[str, float]:

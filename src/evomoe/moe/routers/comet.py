@@ -22,7 +22,7 @@ from torch import nn
 from ...config import check, finite_nonneg
 from ...ops.smooth_step import num_bits, smooth_step, tree_reach_probs
 from ...registry import ROUTERS
-from ..balance import BalanceOptions, Balancer, balance_weights
+from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
 from .permutation import LearnedPermutation
 
@@ -47,7 +47,7 @@ class CometOptions(BalanceOptions):
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
-        E = cfg.moe.num_experts
+        E = experts_if_selected(cfg, prefix)
         check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
         check(self.gamma > 0, f"{prefix}.gamma", self.gamma, "must be > 0")
         check(0.0 <= self.min_reach < 1.0, f"{prefix}.min_reach", self.min_reach, "must be in [0, 1)")
@@ -64,14 +64,14 @@ class CometRouter(Router):
     def __init__(self, spec: RouterSpec) -> None:
         super().__init__(spec)
         E, D, o = spec.num_experts, spec.d_model, self.opts
-        self.depth = num_bits(E)
-        self.nodes = nn.Linear(D, o.k * (2**self.depth - 1))
-        self.leaves = nn.Linear(D, o.k * E)
+        self.depth, self.k = num_bits(E), min(o.k, E)
+        self.nodes = nn.Linear(D, self.k * (2**self.depth - 1))
+        self.leaves = nn.Linear(D, self.k * E)
         nn.init.uniform_(self.nodes.weight, -o.gamma / 100, o.gamma / 100)
         nn.init.uniform_(self.nodes.bias, -o.gamma / 100, o.gamma / 100)
         nn.init.uniform_(self.leaves.weight, -0.05, 0.05)
         nn.init.zeros_(self.leaves.bias)
-        self.perm = LearnedPermutation(o.k if o.per_tree_permutation else 1, E, o)
+        self.perm = LearnedPermutation(self.k if o.per_tree_permutation else 1, E, o)
         self.balancer = Balancer(E, o)
 
     def loss_weights(self) -> dict[str, float]:
@@ -80,7 +80,7 @@ class CometRouter(Router):
 
     def gate(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint softmax g [T, K, E] (leaf space) and the reach probabilities P [T, K, E], float32."""
-        T, K, E = x_TD.shape[0], self.opts.k, self.num_experts
+        T, K, E = x_TD.shape[0], self.k, self.num_experts
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x = x_TD.float()
             r_TKV = smooth_step(self.nodes(x).view(T, K, -1), self.opts.gamma)
@@ -94,7 +94,7 @@ class CometRouter(Router):
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         g_TKE, reach_TKE = self.gate(x_TD)
         pi_GEE, perm_ent = self.perm.matrix()
-        q_TE = torch.einsum("tkl,kle->te", g_TKE, pi_GEE.expand(self.opts.k, -1, -1))
+        q_TE = torch.einsum("tkl,kle->te", g_TKE, pi_GEE.expand(self.k, -1, -1))
         q_TE = q_TE / q_TE.sum(-1, keepdim=True).clamp_min(1e-12)
         sel_TE = q_TE.detach() > 0
         v = ctx.valid_T

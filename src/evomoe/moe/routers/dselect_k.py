@@ -21,7 +21,7 @@ from torch import nn
 from ...config import check, finite_nonneg
 from ...ops.smooth_step import num_bits, selector_probs, smooth_step
 from ...registry import ROUTERS
-from ..balance import BalanceOptions, Balancer, balance_weights
+from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
 
 
@@ -37,7 +37,7 @@ class DSelectKOptions(BalanceOptions):
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
-        E = cfg.moe.num_experts
+        E = experts_if_selected(cfg, prefix)
         check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
         check(self.gamma > 0, f"{prefix}.gamma", self.gamma, "must be > 0")
         finite_nonneg(prefix, self, ("entropy_weight", "reach_weight"))
@@ -55,9 +55,9 @@ class DSelectKRouter(Router):
     def __init__(self, spec: RouterSpec) -> None:
         super().__init__(spec)
         E, D, o = spec.num_experts, spec.d_model, self.opts
-        self.bits = num_bits(E)
-        self.z = nn.Linear(D, o.k * self.bits)
-        self.w = nn.Linear(D, o.k)
+        self.bits, self.k = num_bits(E), min(o.k, E)
+        self.z = nn.Linear(D, self.k * self.bits)
+        self.w = nn.Linear(D, self.k)
         nn.init.uniform_(self.z.weight, -o.gamma / 100, o.gamma / 100)
         nn.init.uniform_(self.z.bias, -o.gamma / 100, o.gamma / 100)
         nn.init.uniform_(self.w.weight, -0.05, 0.05)
@@ -75,7 +75,7 @@ class DSelectKRouter(Router):
         """[T, E] expert weights q and the selectors' code distributions [T, K, C], in float32."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x = x_TD.float()
-            s_TKM = smooth_step(self.z(x).view(-1, self.opts.k, self.bits), self.opts.gamma)
+            s_TKM = smooth_step(self.z(x).view(-1, self.k, self.bits), self.opts.gamma)
             r_TKC = selector_probs(s_TKM)
             mix_TK = torch.softmax(self.w(x), dim=-1)
         q_TE = (mix_TK.unsqueeze(-1) * r_TKC).sum(1)[:, : self.num_experts]

@@ -18,7 +18,7 @@ import torch
 
 from ...config import check
 from ...registry import ROUTERS
-from ..balance import BalanceOptions, Balancer, balance_weights
+from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
 from .gate import LinearGate
 
@@ -34,7 +34,7 @@ class ReMoEOptions(BalanceOptions):
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
-        E = cfg.moe.num_experts
+        E = experts_if_selected(cfg, prefix)
         check(0 < self.k <= E, f"{prefix}.k", self.k, f"must be in (0, num_experts={E}]")
         check(self.alpha >= 1.0, f"{prefix}.alpha", self.alpha, "must be >= 1")
         check(self.lambda_init > 0, f"{prefix}.lambda_init", self.lambda_init, "must be > 0")
@@ -82,7 +82,7 @@ class ReMoERouter(Router):
             self.step_pairs += sel_TE.sum()
             self.step_slots += n_valid * self.num_experts
         probs_TE = torch.softmax(z_TE, dim=-1)
-        aux = {"l1": remoe_l1(r_TE, sel_TE, self.opts.k, v)}
+        aux = {"l1": remoe_l1(r_TE, sel_TE, min(self.opts.k, self.num_experts), v)}
         aux.update(self.balancer.losses(probs_TE, sel_TE, z_TE, v, ctx.shape))
         return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=probs_TE.detach())
 
@@ -90,7 +90,7 @@ class ReMoERouter(Router):
     def on_step(self, step: int) -> None:
         if float(self.step_slots) > 0:
             sparsity = 1.0 - float(self.step_pairs) / float(self.step_slots)
-            target = 1.0 - self.opts.k / self.num_experts
+            target = 1.0 - min(self.opts.k, self.num_experts) / self.num_experts
             self.lam.fill_(adapt_lambda(float(self.lam), self.opts.alpha, target, sparsity))
         self.step_pairs.zero_()
         self.step_slots.zero_()

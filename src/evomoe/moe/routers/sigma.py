@@ -23,7 +23,7 @@ from ...config import check, choice
 from ...config.errors import ConfigError
 from ...ops.stat_topk import stat_topk_mask
 from ...registry import ROUTERS
-from ..balance import BalanceOptions, Balancer, balance_weights
+from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask, pairs_from_topk
 from .gate import LinearGate
 
@@ -61,7 +61,7 @@ class SigmaOptions(BalanceOptions):
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
         choice(f"{prefix}.selection", self.selection, ("topk", "stat_topk"))
-        E = cfg.moe.num_experts
+        E = experts_if_selected(cfg, prefix)
         for _, ks in parse_stages(self.stages, f"{prefix}.stages"):
             check(all(1 <= k <= E for k in ks), f"{prefix}.stages", self.stages, f"every k in [1, {E}]")
 

@@ -18,7 +18,7 @@ import torch
 from ...config import check, choice
 from ...ops.stat_topk import stat_topk_mask, stat_topk_threshold
 from ...registry import ROUTERS
-from ..balance import BalanceOptions, Balancer, balance_weights
+from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
 from .gate import LinearGate
 
@@ -32,7 +32,7 @@ class StatTopkOptions(BalanceOptions):
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
-        E = cfg.moe.num_experts
+        E = experts_if_selected(cfg, prefix)
         check(0 < self.k < E or E == 1, f"{prefix}.k", self.k, f"must be in (0, num_experts={E})")
         choice(f"{prefix}.weights", self.weights, ("softmax", "shifted"))
         check(0 <= self.min_keep <= E, f"{prefix}.min_keep", self.min_keep, f"must be in [0, {E}]")
