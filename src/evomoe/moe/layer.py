@@ -32,6 +32,7 @@ class LayerStats:
     k_sumsq: torch.Tensor | None = None  # sum over valid tokens of (experts per token)^2: the std of k
     chunk_empty: torch.Tensor | None = None  # (8-token chunk, expert) slots no token of the chunk used
     chunk_slots: torch.Tensor | None = None  # all (chunk, expert) slots: chunk-level sparsity = empty/slots
+    ffn_rows: torch.Tensor | None = None  # FFN rows of width d_ff computed (FLOPs), when not ``pairs``
 
 
 def routing_stats(
@@ -80,6 +81,7 @@ class MoELayer(nn.Module):
         )
         self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers)
         self.router: Router | None = None
+        self.shared: Experts | None = None  # always-on experts beside the routed ones (set at the spawn)
         self.dispatcher = LocalDispatcher()
 
     @property
@@ -111,7 +113,27 @@ class MoELayer(nn.Module):
             (B, S),
             self.num_experts,
         )
+        if self.shared is not None:
+            out_TD = out_TD + self.forward_shared(x_TD)
+        stats.ffn_rows = self.ffn_rows(stats)
         return out_TD.view(B, S, D), routing, stats
+
+    def forward_shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Sum of the shared experts on every token (padding too: its output is never read)."""
+        sh = self.shared
+        out = None
+        for w1, w2 in zip(sh.w1_EDH, sh.w2_EFD):
+            y = activate(x_TD @ w1.to(x_TD.dtype), self.activation) @ w2.to(x_TD.dtype)
+            out = y if out is None else out + y
+        return out
+
+    def ffn_rows(self, stats: LayerStats) -> torch.Tensor | None:
+        """Computed rows in units of one d_ff-wide FFN on one token: routed pairs scaled by the expert width,
+        plus every token's shared experts (None when that is just ``pairs``)."""
+        shared = self.shared.num_experts if self.shared is not None else 0
+        if self.experts.d_ff == self.d_ff and not shared:
+            return None
+        return stats.pairs * (self.experts.d_ff / self.d_ff) + stats.tokens * shared
 
     def forward_dense(self, x_TD: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.experts.w1_EDH[0], self.experts.w2_EFD[0]
