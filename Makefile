@@ -22,7 +22,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/evomoe train default --out $(OUT) --resume
 
-test: $(STAMP)
+# lint first: CI runs `make test`, so the house style is checked on every submission
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

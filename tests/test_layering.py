@@ -1,4 +1,5 @@
-"""Design rule: ops, moe and models never import torch.distributed (parallelism comes from outside)."""
+"""Design rules: ops, moe, models, tasks and data never import torch.distributed (parallelism comes from
+outside); every part imports only lower levels; no module imports itself in a cycle."""
 
 from __future__ import annotations
 
@@ -11,13 +12,7 @@ import pytest
 import evomoe
 
 PKG = Path(evomoe.__file__).parent
-LAYERS = ("ops", "moe", "models")
-# dependency direction: cli -> train -> parallel -> models -> moe -> ops
-UPPER = {
-    "ops": ("moe", "models", "parallel", "train", "cli"),
-    "moe": ("models", "parallel", "train", "cli"),
-    "models": ("parallel", "train", "cli"),
-}
+LAYERS = ("ops", "moe", "models", "tasks", "data")
 
 
 def source_files(layer: str) -> list[Path]:
@@ -75,16 +70,104 @@ def test_layer_never_imports_torch_distributed(layer):
     assert not {k: v for k, v in bad.items() if v}
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_layer_does_not_import_upper_layers(layer):
-    forbidden = tuple(f"evomoe.{name}" for name in UPPER[layer])
+# Every top-level part of the package, by level: a part may import its own modules and parts of lower
+# levels only (design.md: cli -> compare/sweep -> train -> parallel -> tasks -> models -> moe -> ops; all
+# may use config, registry, schedule, errors). The registry discovers plug-in packages by name at run time,
+# like entry points (``registry.PLUGIN_PACKAGES``), so it imports none of them.
+LEVELS = {
+    "errors": 0,
+    "registry": 0,
+    "config": 1,
+    "schedule": 1,
+    "ops": 2,
+    "moe": 3,
+    "data": 3,
+    "models": 4,
+    "evolve": 4,
+    "tasks": 5,
+    "parallel": 6,
+    "train": 7,
+    "compare": 8,
+    "sweep": 9,
+    "cli": 10,
+    "__main__": 11,
+}
+
+
+def module_files() -> dict[str, Path]:
+    out = {}
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1]) if rel.name == "__init__" else ".".join(rel.parts)
+        out[name] = f
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """evomoe module -> the evomoe modules it imports (anywhere in the file). ``from pkg import sub`` counts
+    as importing ``pkg.sub``; a module's own parent packages are left out (Python runs them first anyway)."""
+    files = module_files()
+    graph = {}
+    for name, f in files.items():
+        deps = set()
+        for m in imported_modules(f, package_of(f)):
+            while m and m not in files:
+                m = m.rpartition(".")[0]
+            if m and m != name and not name.startswith(m + ".") and m.startswith("evomoe"):
+                deps.add(m)
+        # "from . import x" also lists the package itself: drop it when a submodule of it is listed
+        graph[name] = {d for d in deps if not any(e.startswith(d + ".") for e in deps)}
+    return graph
+
+
+def part(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(u: str) -> None:
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                cycles.append(stack[stack.index(v) :] + [v])
+            elif not state.get(v):
+                visit(v)
+        stack.pop()
+        state[u] = 2
+
+    for u in sorted(graph):
+        if not state.get(u):
+            visit(u)
+    return cycles
+
+
+def test_every_part_has_a_level():
+    parts = {part(m) for m in module_files() if m != "evomoe"}
+    assert parts == set(LEVELS), f"parts without a level (or levels without a part): {parts ^ set(LEVELS)}"
+
+
+def test_no_part_imports_a_higher_or_equal_level():
     bad = [
-        f"{f.relative_to(PKG)}: {m}"
-        for f in source_files(layer)
-        for m in imported_modules(f, package_of(f))
-        if m in forbidden or m.startswith(tuple(p + "." for p in forbidden))
+        f"{a} -> {b}"
+        for a, deps in import_graph().items()
+        for b in deps
+        if a != "evomoe" and part(a) != part(b) and LEVELS[part(b)] >= LEVELS[part(a)]
     ]
     assert not bad, bad
+
+
+def test_no_import_cycles():
+    assert find_cycles(import_graph()) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_checker_catches_violations(tmp_path):

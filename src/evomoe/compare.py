@@ -181,13 +181,14 @@ def write_markdown(summary: dict, out: Path, command: str) -> Path:
         f"Target: the {summary['target_method']} baseline's mean final validation loss"
         + (f" = {t:.4f}" if t is not None else " (not run)"),
         "",
-        "| method | seeds | val loss (mean ± std) | val ppl | train FLOPs | tokens/s | experts/token | dropped "
-        "| steps to target | FLOPs to target |",
+        "| method | seeds | val loss (mean ± std) | val ppl | train FLOPs | tokens/s | experts/token "
+        "| dropped | steps to target | FLOPs to target |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in summary["methods"].items():
         lines.append(
-            f"| {m} | {len(r['seeds'])} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} | {r['train_flops']:.3g} "
+            f"| {m} | {len(r['seeds'])} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} "
+            f"| {r['train_flops']:.3g} "
             f"| {r['tokens_per_s']:,.0f} | {r['experts_per_token']:.2f} | {r['dropped_fraction']:.3f} "
             f"| {_fmt(r['steps_to_target'], '.0f')} ({r['reached']}) | {_fmt(r['flops_to_target'], '.3g')} |"
         )

@@ -11,6 +11,7 @@ from evomoe.models import GPT
 from evomoe.moe.router import GateState
 from evomoe.parallel.env import WorldInfo
 from evomoe.parallel.wrap import Parallel
+from evomoe.registry import ROUTERS
 from evomoe.tasks.lm import lm_forward
 
 ATOL = 1e-5
@@ -38,6 +39,8 @@ def build(cfg: Config, par: Parallel | None):
     model = GPT(cfg.model, cfg.moe)
     gen = torch.Generator().manual_seed(17)
     info = {"vocab_size": cfg.model.vocab_size}
+    if "token_counts" in ROUTERS.get(cfg.router.name).needs:  # what the trainer gives from the task
+        info["token_counts"] = torch.arange(cfg.model.vocab_size, 0, -1)
     if par is None:
         spawn_model(model, cfg, gen, **info)
         return model, model

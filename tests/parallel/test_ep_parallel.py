@@ -16,6 +16,8 @@ import pytest
 from dist_harness import run_ranks
 from dist_workers import all_parts, equivalence, train_and_resume
 
+from evomoe.registry import ROUTERS
+
 pytestmark = pytest.mark.distributed
 
 CASES = [
@@ -34,10 +36,26 @@ CASES = [
 ]
 
 
+# the router contract (tests/moe/test_router_contract.py): every registered router with its default options,
+# early in the run (soft phase) and late (hard phase, StableMoE's stage 2)
+CONTRACT = [
+    (name, {}, gate, {})
+    for name in ROUTERS.names()
+    for gate in (
+        {"tau": 2.0, "step": 0, "total_steps": 100},
+        {"tau": 0.5, "hard": True, "step": 80, "total_steps": 100},
+    )
+]
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep2")
-    parts = {"equivalence": (equivalence, (CASES,)), "training": (train_and_resume, (str(root / "runs"),))}
+    parts = {
+        "equivalence": (equivalence, (CASES,)),
+        "contract": (equivalence, (CONTRACT,)),
+        "training": (train_and_resume, (str(root / "runs"),)),
+    }
     run_ranks(all_parts, 2, str(root), parts)
     return root
 
@@ -51,6 +69,10 @@ def part_result(root: Path, name: str) -> None:
 
 def test_ep2_equals_one_process_per_router(launched):
     part_result(launched, "equivalence")
+
+
+def test_ep2_equals_one_process_for_every_registered_router(launched):
+    part_result(launched, "contract")
 
 
 def test_ep2_training_through_spawn_and_resume_across_world_sizes(launched):

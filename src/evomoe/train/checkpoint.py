@@ -103,8 +103,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or str(e)
         raise CheckpointError(
-            f"cannot write checkpoint '{final}' ({why}): free space on that disk or fix its permissions, then "
-            "continue with --resume; the earlier checkpoints are kept"
+            f"cannot write checkpoint '{final}' ({why}): free space on that disk or fix its permissions, "
+            "then continue with --resume; the earlier checkpoints are kept"
         ) from None
     # prune only checkpoints older than the one just written: newer-named leftovers of an abandoned
     # history must not push the new checkpoint out

@@ -1,4 +1,4 @@
-"""FLOP counting lives with the tasks (``evomoe.tasks.flops``); this module keeps the first release's names."""
+"""FLOP counting lives with the tasks (``evomoe.tasks.flops``); this module keeps the old import path."""
 
 from __future__ import annotations
 

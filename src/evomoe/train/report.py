@@ -115,6 +115,17 @@ def plot_layers(rows, out: Path) -> str | None:
     return _save(fig, out / "routing_per_layer.png")
 
 
+def eval_table(evals: list[dict]) -> list[str]:
+    """Markdown rows of eval.jsonl: step, phase and whatever metrics the task wrote (scalars only)."""
+    skip = {"step", "phase", "flops", "tokens"}
+    keys = [k for k, v in evals[-1].items() if k not in skip and isinstance(v, (int, float))]
+    lines = ["| step | phase | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for e in evals:
+        cells = [f"{e[k]:.4f}" if isinstance(e.get(k), float) else str(e.get(k, "")) for k in keys]
+        lines.append(f"| {e['step']} | {e['phase']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(out: Path, summary: dict) -> Path:
     rows, evals = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
     lines = ["# evomoe run report", ""]
@@ -136,15 +147,7 @@ def write_report(out: Path, summary: dict) -> Path:
         lines += [f"![{Path(n).stem}]({n})" for n in images]
         lines.append("")
     if evals:
-        lines += [
-            "| step | phase | val loss | val ppl | bits/byte | experts/token |",
-            "|---|---|---|---|---|---|",
-        ]
-        for e in evals:
-            lines.append(
-                f"| {e['step']} | {e['phase']} | {e['val_loss']:.4f} | {e['val_ppl']:.2f} | {e['val_bpb']:.4f} "
-                f"| {e['experts_per_token']:.2f} |"
-            )
+        lines += eval_table(evals)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

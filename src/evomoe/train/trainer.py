@@ -240,8 +240,8 @@ class Trainer:
         if self.state.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
             raise TrainingError(
                 f"{self.state.skipped_in_a_row} non-finite steps in a row (train.max_skipped_steps = "
-                f"{self.cfg.train.max_skipped_steps}) at step {step + 1}: lower train.lr, use fp32, or check the "
-                "data; the last good checkpoint is kept"
+                f"{self.cfg.train.max_skipped_steps}) at step {step + 1}: lower train.lr, use fp32, or check "
+                "the data; the last good checkpoint is kept"
             )
 
     def step_flops(self, out, local: Batch) -> float:
@@ -299,7 +299,7 @@ class Trainer:
     def run(self) -> dict:
         from .progress import TrainProgress  # noqa: PLC0415 - rich is only needed for interactive runs
 
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if self.par.is_main:
             metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
         else:  # every rank computes; rank 0 writes
