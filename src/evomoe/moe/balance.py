@@ -37,6 +37,7 @@ class BalanceOptions:
     bias_rate: float = 0.0  # aux-loss-free bias step gamma (DeepSeek-V3: 0.001); 0: off
 
     supports_bias = True  # a class attribute (not a field): routers whose selection is the weights say False
+    supports_z = True  # False: the router has no logits over experts (trees, code selectors)
 
     def validate(self, cfg, prefix: str) -> None:
         choice(f"{prefix}.balance", self.balance, BALANCE_KINDS)
@@ -47,6 +48,12 @@ class BalanceOptions:
             self.bias_rate,
             "this router selects by its weights themselves (no separate selection score): leave it at 0",
         )
+        check(
+            self.z_loss_weight == 0.0 or self.supports_z,
+            f"{prefix}.z_loss_weight",
+            self.z_loss_weight,
+            "this router has no logits over the experts for a z-loss: leave it at 0",
+        )
 
 
 def experts_if_selected(cfg, prefix: str) -> float:
@@ -56,7 +63,11 @@ def experts_if_selected(cfg, prefix: str) -> float:
 
 
 def balance_weights(opts: BalanceOptions) -> dict[str, float]:
-    return {"balance": opts.balance_weight, "z": opts.z_loss_weight}
+    """The coefficients of the aux losses ``Balancer.losses`` returns for this router."""
+    out = {"balance": opts.balance_weight}
+    if opts.supports_z:
+        out["z"] = opts.z_loss_weight
+    return out
 
 
 class Balancer(nn.Module):

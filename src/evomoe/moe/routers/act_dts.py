@@ -88,7 +88,7 @@ class ActDTSRouter(Router):
         else:
             sel_TE = sel_TE if v is None else sel_TE & v.unsqueeze(1)
             token_P, expert_P, weight_P = pairs_from_mask(sel_TE, p_TE * sel_TE)
-        aux = self.balancer.losses(p_TE, sel_TE, None, v, ctx.shape)
+        aux = self.balancer.losses(p_TE, sel_TE, a_TE, v, ctx.shape)
         return Routing(
             token_P,
             expert_P,

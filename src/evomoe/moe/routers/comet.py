@@ -44,6 +44,7 @@ class CometOptions(BalanceOptions):
     perm_noise: float = 0.0
 
     supports_bias = False
+    supports_z = False
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)

@@ -34,6 +34,7 @@ class DSelectKOptions(BalanceOptions):
     balance_weight: float = 0.0
 
     supports_bias = False
+    supports_z = False
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
@@ -65,11 +66,10 @@ class DSelectKRouter(Router):
         self.balancer = Balancer(E, o)
 
     def loss_weights(self) -> dict[str, float]:
-        return {
-            "entropy": self.opts.entropy_weight,
-            "reach": self.opts.reach_weight,
-            **balance_weights(self.opts),
-        }
+        w = {"entropy": self.opts.entropy_weight, **balance_weights(self.opts)}
+        if self.num_experts < 2**self.bits:  # only then does it return the reachability loss
+            w["reach"] = self.opts.reach_weight
+        return w
 
     def weights(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] expert weights q and the selectors' code distributions [T, K, C], in float32."""
