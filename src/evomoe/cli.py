@@ -25,6 +25,7 @@ from .config import (
 )
 from .errors import CLIError
 from .parallel.env import world_info
+from .registry import load_user_plugins
 
 # fields that may change when a run is resumed; everything else must match the saved config
 RESUME_MUTABLE = {
@@ -219,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    try:  # a user's own routers, tasks, models (docs/extending.md)
+        load_user_plugins(os.environ.get("EVOMOE_PLUGINS", ""))
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     handlers = {"train": cmd_train, "eval": cmd_eval}
     if args.command in ("compare", "sweep"):
         from .compare import cmd_compare  # noqa: PLC0415

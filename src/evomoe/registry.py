@@ -10,7 +10,10 @@ A plug-in class may carry ``Options``, a dataclass of its own settings: the conf
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -23,6 +26,30 @@ def load_plugins() -> None:
     """Import every plug-in package once (idempotent: Python caches modules)."""
     for name in PLUGIN_PACKAGES:
         importlib.import_module(name)
+
+
+def load_user_plugins(specs: str) -> list[str]:
+    """Import a user's own plug-in modules: a comma-separated list of module names or ``.py`` paths (the
+    ``EVOMOE_PLUGINS`` variable). Importing one registers what it defines. Returns the modules loaded."""
+    loaded = []
+    for spec in (s.strip() for s in specs.split(",")):
+        if not spec:
+            continue
+        if spec.endswith(".py"):
+            path = Path(spec)
+            if not path.is_file():
+                raise ImportError(f"EVOMOE_PLUGINS: plug-in file '{spec}' does not exist")
+            name = f"evomoe_user_plugin_{path.stem}"
+            if name not in sys.modules:
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+            loaded.append(name)
+        else:
+            importlib.import_module(spec)
+            loaded.append(spec)
+    return loaded
 
 
 class Registry(Generic[T]):

@@ -137,8 +137,8 @@ def load_config(
     cfg = Config()
     path = resolve_config_path(name_or_path)
     if path is not None:
-        data = read_toml(path)
-        apply_dict(cfg, migrate(data, str(path), assume_first=saved))
+        data = migrate(read_toml(path), str(path), assume_first=saved)
+        apply_dict(cfg, drop_unloaded_plugin_tables(cfg, data) if saved else data)
     return apply_overrides(cfg, overrides or [])
 
 
@@ -156,9 +156,28 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def config_from_dict(data: dict[str, Any], origin: str = "a saved config") -> Config:
     """A config from a saved dict (checkpoint state, config.toml contents), migrated and validated."""
     cfg = Config()
-    apply_dict(cfg, migrate(data, origin, assume_first=True))
+    apply_dict(cfg, drop_unloaded_plugin_tables(cfg, migrate(data, origin, assume_first=True)))
     validate(cfg)
     return cfg
+
+
+def drop_unloaded_plugin_tables(cfg: Config, data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config may hold the table of a plug-in that is not loaded now (a user's own, written while
+    it was selected or loaded); unless that plug-in is the selected one, its table cannot matter."""
+    for section in ("router", "task"):
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        known = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        for key in [k for k, v in table.items() if isinstance(v, dict) and k not in known]:
+            if key == table.get("name"):
+                plugins = ", ".join(sorted(known - {"name", "gate_init"}))
+                raise ConfigError(
+                    f"{section}.name = {key!r}: no such {section} is loaded (choose from: {plugins}); "
+                    "for a plug-in of your own, name its file or module in EVOMOE_PLUGINS"
+                )
+            del table[key]
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -181,7 +200,9 @@ def to_toml(cfg: Any) -> str:
     lines: list[str] = []
 
     def emit(obj: Any, name: str) -> None:
+        external = getattr(obj, "external_tables", frozenset())
         scalars = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        scalars = [(k, v) for k, v in scalars if k not in external or k == getattr(obj, "name", None)]
         plain = [(k, v) for k, v in scalars if not dataclasses.is_dataclass(v)]
         nested = [(k, v) for k, v in scalars if dataclasses.is_dataclass(v)]
         if name and plain:

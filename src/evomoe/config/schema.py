@@ -133,6 +133,13 @@ def plugin_section(title: str, registry: Registry, default: str, shared: list[tu
         cls = dataclasses.make_dataclass(title, fields)
         cls.__module__ = __name__
         cls.__doc__ = f"The [{title.lower().removesuffix('config')}] section: name + one table per plug-in."
+        # a user's own plug-ins (EVOMOE_PLUGINS): their tables are written only when selected, so a run
+        # started with a plug-in loaded still reads back without it
+        cls.external_tables = frozenset(
+            n
+            for n, c in registry.items()
+            if getattr(c, "Options", None) and not c.__module__.startswith("evomoe.")
+        )
         _SECTION_CLASSES[key] = cls
     return _SECTION_CLASSES[key]
 

@@ -33,13 +33,14 @@ def _model(cfg: Any) -> None:
 def _task_and_model(cfg: Any) -> None:
     choice("task.name", cfg.task.name, TASKS.names())
     choice("model.name", cfg.model.name, ["auto", *MODELS.names()])
-    kinds = TASKS.get(cfg.task.name).model_kinds
+    task = TASKS.get(cfg.task.name)
     if cfg.model.name != "auto":
+        kind = MODELS.get(cfg.model.name).kind
         check(
-            cfg.model.name in kinds,
+            kind in task.model_kinds,
             "model.name",
             cfg.model.name,
-            f"task.name = {cfg.task.name!r} trains {', '.join(kinds)} models",
+            f"is a {kind} model; task.name = {cfg.task.name!r} trains {' or '.join(task.model_kinds)} models",
         )
 
 

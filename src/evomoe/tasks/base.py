@@ -1,8 +1,8 @@
 """The task interface: what the trainer needs from a task, and nothing about which task it is.
 
 A task owns its data (batches as a pure function of (seed, step), a fixed validation set), its loss, its
-evaluation (the metric names it writes to ``eval.jsonl``), which models it can train (``model_kinds``;
-the first is the default for ``model.name = "auto"``), and what a batch costs outside the FFNs in FLOPs.
+evaluation (the metric names it writes to ``eval.jsonl``), which models it can train (``model_kinds``,
+and ``default_model`` for ``model.name = "auto"``), and what a batch costs outside the FFNs in FLOPs.
 A task is one file: a ``Task`` subclass registered with ``@TASKS.register(name)``; an ``Options``
 dataclass gives it a ``[task.<name>]`` config table.
 """
@@ -52,7 +52,8 @@ class EvalContext:
 
 class Task:
     Options: ClassVar[type | None] = None
-    model_kinds: ClassVar[tuple[str, ...]] = ()
+    model_kinds: ClassVar[tuple[str, ...]] = ()  # the ``kind`` of the models it can train
+    default_model: ClassVar[str] = ""  # the registered model ``model.name = "auto"`` means
     metric_names: ClassVar[tuple[str, ...]] = ("val_loss",)
     # (metric, label, format) printed when a run ends
     headline: ClassVar[tuple[tuple[str, str, str], ...]] = (("val_loss", "validation loss", ".4f"),)

@@ -48,6 +48,7 @@ def lm_forward(model: Any, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | N
 @TASKS.register("lm")
 class LMTask(Task):
     model_kinds = ("decoder",)
+    default_model = "decoder"
     metric_names = ("val_loss", "val_ppl", "val_bpb")
     headline = (
         ("val_loss", "validation loss", ".4f"),

@@ -71,9 +71,9 @@ def build_task(cfg: Config, env: Mapping[str, str], log: Callable[[str], None], 
 
 
 def model_class(cfg: Config) -> type:
-    """The configured model; ``model.name = auto`` is the task's default (its first model kind)."""
+    """The configured model; ``model.name = auto`` is the task's default model."""
     name = cfg.model.name
-    return MODELS.get(TASKS.get(cfg.task.name).model_kinds[0] if name == "auto" else name)
+    return MODELS.get(TASKS.get(cfg.task.name).default_model if name == "auto" else name)
 
 
 class Trainer:
