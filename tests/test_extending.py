@@ -29,11 +29,15 @@ def doc_files(tmp: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def plugin_files(tmp_path_factory) -> dict[str, Path]:
+def plugin_files(tmp_path_factory):
     files = doc_files(tmp_path_factory.mktemp("plugins"))
     assert set(files) == {"my_threshold_router.py", "my_reverse_lm.py"}
-    load_user_plugins(",".join(str(p) for p in files.values()))
-    return files
+    modules = load_user_plugins(",".join(str(p) for p in files.values()))
+    yield files
+    ROUTERS.unregister("threshold")  # the rest of the session sees only the shipped plug-ins
+    TASKS.unregister("reverse_lm")
+    for name in modules:
+        sys.modules.pop(name, None)
 
 
 def test_the_documented_plugins_register(plugin_files):

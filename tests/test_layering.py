@@ -85,6 +85,7 @@ LEVELS = {
     "models": 4,
     "evolve": 4,
     "tasks": 5,
+    "generate": 5,
     "parallel": 6,
     "train": 7,
     "compare": 8,

@@ -1,4 +1,6 @@
-"""Command line: ``evomoe train | eval | compare``. The only module that reads argv and the environment."""
+"""Command line: ``evomoe train | eval | compare | sweep | export | generate``.
+
+The only module that reads argv and the environment."""
 
 from __future__ import annotations
 
@@ -41,7 +43,16 @@ RESUME_MUTABLE = {
     "parallel.dp_shard",
 }
 EVAL_MUTABLE = {"train.eval_batches", "train.device", "train.threads", "train.batch_size"}
-RUN_FILES = ("config.toml", "metrics.jsonl", "eval.jsonl", "checkpoints", "report.md", "results.json")
+RUN_FILES = (
+    "config.toml",
+    "metrics.jsonl",
+    "eval.jsonl",
+    "checkpoints",
+    "report.md",
+    "results.json",
+    "tokenizer.json",
+    "tensorboard",
+)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -105,6 +116,12 @@ def cmd_train(args, extra: list[str]) -> int:
         check_resume_compatible(saved, cfg)
     else:
         cfg = load_config(args.config or "default", overrides)
+    if cfg.model.init_from:  # the model's shape from its directory, before comparing with a saved run
+        from .train.pretrained import resolve_pretrained  # noqa: PLC0415
+
+        resolve_pretrained(cfg)
+        if args.resume and saved_cfg_path.is_file():
+            check_resume_compatible(load_config(str(saved_cfg_path)), cfg)
     if world_info(os.environ).distributed:  # launched by torchrun
         return train_distributed(args, cfg, out)
     prepare_out_dir(out, args.resume, args.overwrite)
@@ -194,6 +211,67 @@ def cmd_eval(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_export(args, extra: list[str]) -> int:
+    from .models.hf.export import ExportError, plan_export, write_export  # noqa: PLC0415
+    from .train.load_run import load_run  # noqa: PLC0415
+
+    if extra:
+        raise CLIError(f"unexpected arguments: {' '.join(extra)}")
+    run = load_run(args.run)
+    try:
+        plan = plan_export(run.model, run.hard)
+    except ExportError as e:
+        raise CLIError(
+            f"cannot export '{run.checkpoint}' (step {run.step}, phase {run.phase}): {e}"
+        ) from None
+    hf_json = getattr(run.tokenizer, "hf_json", None) or getattr(run.tokenizer, "to_json", None)
+    if run.tokenizer is None or run.tokenizer.kind == "bytes":
+        print("warning: the run has no tokenizers-library tokenizer: exported without one", file=sys.stderr)
+        hf_json = None
+    out = write_export(plan, args.out, hf_json() if hf_json else None)
+    kind = run.phase if run.model.spawned else "dense"
+    print(f"exported step {run.step} ({kind}) as {plan.model_type} to {out}")
+    return 0
+
+
+def cmd_generate(args, extra: list[str]) -> int:
+    import torch  # noqa: PLC0415
+
+    from .generate import generate  # noqa: PLC0415
+    from .train.load_run import load_run  # noqa: PLC0415
+
+    if extra:
+        raise CLIError(f"unexpected arguments: {' '.join(extra)}")
+    run = load_run(args.run)
+    if run.tokenizer is None:
+        raise CLIError(f"'{args.run}' has no tokenizer.json: cannot encode the prompt")
+    prompt = torch.as_tensor(run.tokenizer.encode(args.prompt), dtype=torch.long).unsqueeze(0)
+    try:
+        ids = generate(run.model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    new = ids[0, prompt.shape[1] :].tolist()
+    if args.ids:
+        print(json.dumps({"prompt_ids": prompt[0].tolist(), "new_ids": new}))
+    else:
+        print(args.prompt + run.tokenizer.decode(new))
+    return 0
+
+
+def add_inference_parsers(sub) -> None:
+    x = sub.add_parser("export", help="write a run as a Hugging Face model directory (transformers loads it)")
+    x.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
+    x.add_argument("--out", required=True, help="the directory to write")
+    g = sub.add_parser("generate", help="continue a prompt with a run's model (key-value cache)")
+    g.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ids", action="store_true", help="print the token ids as JSON instead of the text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -214,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_parser(sub)
     add_sweep_parser(sub)
+    add_inference_parsers(sub)
     return p
 
 
@@ -225,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    handlers = {"train": cmd_train, "eval": cmd_eval}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
     if args.command in ("compare", "sweep"):
         from .compare import cmd_compare  # noqa: PLC0415
         from .sweep import cmd_sweep  # noqa: PLC0415

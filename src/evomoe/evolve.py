@@ -89,11 +89,11 @@ def add_shared_experts(
     if n == 0:
         return
     old = layer.experts
-    shared = Experts(n, old.d_model, layer.d_ff, old.activation, old.impl, old.n_layers)
+    shared = Experts(n, old.d_model, layer.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias)
     with torch.no_grad():
         if base is not None:
-            shared.w1_EDH.copy_(base.w1_EDH.data[0].expand_as(shared.w1_EDH))
-            shared.w2_EFD.copy_(base.w2_EFD.data[0].expand_as(shared.w2_EFD))
+            for name, _ in shared.named_parameters():  # weights and, for an imported FFN, its biases
+                getattr(shared, name).copy_(getattr(base, name).data[0].expand_as(getattr(shared, name)))
         else:
             std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
             shared.w1_EDH.copy_(torch.randn(shared.w1_EDH.shape, generator=generator) * std_in)
@@ -122,23 +122,42 @@ def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **rout
     old = layer.experts
     E = cfg.moe.num_experts
     width = expert_hidden(cfg, layer.d_ff)
-    new = Experts(E, old.d_model, width, old.activation, old.impl, old.n_layers).to(old.w1_EDH.device)
+    if old.bias and width != old.d_ff:
+        raise ValueError(
+            f"moe.expert_width = {cfg.moe.expert_width}: narrower experts are not supported for an FFN with "
+            "biases (an imported model); keep moe.expert_width = 1"
+        )
+    new = Experts(E, old.d_model, width, old.activation, old.impl, old.n_layers, bias=old.bias)
+    new = new.to(old.w1_EDH.device)
     with torch.no_grad():
         w1, w2 = spawn_weights(old.w1_EDH.data[0], old.w2_EFD.data[0], E, cfg, generator)
         w1, w2 = narrow_experts(w1, w2, width)
         new.w1_EDH.copy_(w1)
         new.w2_EFD.copy_(w2)
+        if old.bias:
+            new.b1_EH.copy_(spawn_bias(old.b1_EH.data[0], w1, old.w1_EDH.data[0]))
+            new.b2_ED.copy_(old.b2_ED.data[0].expand_as(new.b2_ED))
     layer.experts = new
     add_shared_experts(layer, cfg, old, generator)
     layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
-    return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    mapping = {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    if old.bias:
+        mapping.update({old.b1_EH: new.b1_EH, old.b2_ED: new.b2_ED})
+    return mapping
+
+
+def spawn_bias(b1_H: torch.Tensor, w1_EDH: torch.Tensor, base_w1_DH: torch.Tensor) -> torch.Tensor:
+    """Each expert's hidden bias: the base bias, zeroed for the neurons that ``mask``/``reinit`` changed
+    (a changed neuron's input column differs from the base's)."""
+    changed_EH = (w1_EDH != base_w1_DH.unsqueeze(0)).any(dim=1)
+    return b1_H.unsqueeze(0).repeat(w1_EDH.shape[0], 1).masked_fill(changed_EH, 0.0)
 
 
 def fresh_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **router_info) -> dict:
     """Start directly sparse (diversify_steps = 0): E independently initialised experts and a gate."""
     old = layer.experts
     E, width = cfg.moe.num_experts, expert_hidden(cfg, layer.d_ff)
-    new = Experts(E, old.d_model, width, old.activation, old.impl, old.n_layers)
+    new = Experts(E, old.d_model, width, old.activation, old.impl, old.n_layers, bias=old.bias)
     std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
     with torch.no_grad():
         new.w1_EDH.copy_(torch.randn(new.w1_EDH.shape, generator=generator) * std_in)
@@ -146,7 +165,10 @@ def fresh_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **rout
     layer.experts = new.to(old.w1_EDH.device)
     add_shared_experts(layer, cfg, None, generator)
     layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
-    return {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    mapping = {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
+    if old.bias:  # biases start at zero
+        mapping.update({old.b1_EH: new.b1_EH, old.b2_ED: new.b2_ED})
+    return mapping
 
 
 def _each_layer(make, model, cfg: Config, generator, after_layer: AfterLayer | None, router_info) -> dict:

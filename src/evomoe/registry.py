@@ -68,6 +68,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Forget a plug-in (tests that register their own clean up with it)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         load_plugins()
         if name not in self._items:

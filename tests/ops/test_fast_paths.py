@@ -42,7 +42,7 @@ def _grads(fn, *leaves, g_out=None):
 
 
 # ------------------------------------------------------------------------------------------ fused FFN
-@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "swiglu"])
 @pytest.mark.parametrize("counts", [[5, 0, 9, 2], [0, 0, 7], [16], [0, 0, 0], [1, 1, 1, 1, 1]])
 def test_fused_ffn_matches_loop(activation, counts):
     torch.manual_seed(0)
@@ -69,18 +69,6 @@ def test_fused_ffn_matches_loop(activation, counts):
     for fn in (fused, fused_grouped):
         for name, a, b in zip(("y", "dx", "dW1", "dW2"), _grads(fn, x, w1, w2), ref, strict=True):
             torch.testing.assert_close(a, b, **TOL, msg=lambda m, n=f"{fn.__name__} {name}": f"{n}: {m}")
-
-
-def test_fused_ffn_bf16_close_to_fp32_loop():
-    torch.manual_seed(1)
-    experts = Experts(3, 16, 16, "swiglu", "fused")
-    counts_E = torch.tensor([7, 0, 12])
-    x = torch.randn(19, 16)
-    ref = experts(x, counts_E, impl="loop")
-    for fn in (expert_ffn_fused, expert_ffn_grouped):
-        got = fn(x.bfloat16(), experts.w1_EDH.bfloat16(), experts.w2_EFD.bfloat16(), counts_E, "swiglu")
-        assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_auto_on_cpu_by_rows_per_expert():

@@ -60,11 +60,11 @@ def launched(tmp_path_factory) -> Path:
     return root
 
 
-def part_result(root: Path, name: str) -> None:
+def part_result(root: Path, name: str, world: int = 2) -> None:
     fails = sorted(root.glob(f"{name}.rank*.fail"))
     if fails:
         pytest.fail("\n".join(f"{f.name}:\n{f.read_text()}" for f in fails), pytrace=False)
-    assert len(list(root.glob(f"{name}.rank*.done"))) == 2, f"part {name} did not finish on every rank"
+    assert len(list(root.glob(f"{name}.rank*.done"))) == world, f"part {name} did not finish on every rank"
 
 
 def test_ep2_equals_one_process_per_router(launched):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,7 +118,8 @@ def test_killed_rank_restarts_and_resumes(tmp_path, capsys):
             job.communicate()
     assert killed is not None, f"rank 1 was never killed (the run ended too early?)\n{log[-3000:]}"
     assert job.returncode == 0, log[-20000:]
-    assert "resuming from" in log and "step_0000" in log, log[-3000:]
+    resumed = re.findall(r"resuming from \S+/step_(\d{8}) \(step (\d+)\)", log)
+    assert resumed and all(int(a) == int(b) >= 5 for a, b in resumed), log[-3000:]  # a resume, not a restart
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5, 61, 5)), (
         "metrics rows lost or repeated over the restart"
@@ -142,3 +145,50 @@ def test_killed_rank_restarts_and_resumes(tmp_path, capsys):
         assert torch.allclose(got[name], want[name], atol=2e-4), name
     final = json.loads((out / "results.json").read_text())
     assert abs(evaluated["val_loss"] - final["val_loss"]) < 1e-5
+
+
+def torchrun_train(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "evomoe", "train", str(tmp_path / "cfg.toml"), "--parallel.ep=2", "--out", str(out),
+        "--no-progress", "--train.steps=20", *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_corrupt_checkpoint_mid_run_under_torchrun_falls_back(tmp_path):
+    """A run whose newest checkpoint (step 10 of 20, written mid-run) is corrupt resumes on both ranks from
+    step 5 and ends with the weights of the uninterrupted run."""
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "cfg.toml").write_text(CONFIG.format(corpus=tmp_path / "corpus", cache=tmp_path / "cache"))
+    ref = tmp_path / "ref"
+    done = torchrun_train(tmp_path, ref)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    shutil.copytree(ref, cut)
+    for late in ("step_00000015", "step_00000020"):  # as if the job had died right after writing step 10
+        shutil.rmtree(cut / "checkpoints" / late)
+    (cut / "checkpoints" / "latest").write_text("step_00000010")
+    (cut / "results.json").unlink()
+    weights = cut / "checkpoints" / "step_00000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    weights.write_bytes(bytes(data))
+
+    resumed = torchrun_train(tmp_path, cut, "--resume")
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-5000:]
+    assert "step_00000010" in log and "fails its checksum" in log, log[-3000:]
+    assert f"resuming from {cut / 'checkpoints' / 'step_00000005'} (step 5)" in log, log[-3000:]
+    assert "starting a new run" not in log
+    got = load_file(str(cut / "checkpoints" / "step_00000020" / "model.safetensors"))
+    want = load_file(str(ref / "checkpoints" / "step_00000020" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]

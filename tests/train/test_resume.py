@@ -1,6 +1,9 @@
-"""Exact resume: a run interrupted at random steps (SIGKILL, SIGTERM, SIGINT), across the spawn, the
-temperature decay and the soft -> hard switch, then resumed, logs bitwise the same per-step losses and
-ends with bitwise the same weights as the uninterrupted ``tiny_run``.
+"""Exact resume: a run interrupted at random steps (SIGKILL, SIGTERM, SIGINT), before and after the
+spawn, inside the soft phase and after the hard switch, and deterministically inside a checkpoint write,
+then resumed, logs bitwise the same per-step losses and ends with bitwise the same weights as the
+uninterrupted ``tiny_run``. Training is a pure function of seed and step, so a --resume that ignored the
+checkpoints and started over would match too: every resume must also log ``resuming from .../step_N
+(step N)`` with the N the kill left behind.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -43,16 +47,28 @@ EXACT = (
     "skipped_steps",
 )
 
-# (signal, first step at which it may arrive, last step): the rows a run has logged when it is hit.
-# Phases of tiny_args: diversify steps 1-10, sparsify 11-30 (tau decays over 11-20), sparse 31-40;
-# checkpoints every 3 steps, so a SIGKILL resumes up to 2 steps back, often across a boundary.
+# (signal, first row count at which it may arrive, last, the steps the resumed run may start from).
+# Phases of tiny_args: diversify steps 1-10 (the spawn happens before step 11), sparsify 11-30 (tau
+# decays over 11-20), sparse (hard top-1) 31-40; checkpoints every 3 steps, so a SIGKILL resumes up to
+# 3 steps back, and a kill that lands inside a checkpoint write one checkpoint further.
 PLAN = (
-    (signal.SIGKILL, 8, 11),  # around the spawn (step 11 is the first sparsify step)
-    (signal.SIGTERM, 14, 19),  # during the temperature decay
-    (signal.SIGKILL, 29, 32),  # around the soft -> hard switch (step 31 is the first sparse step)
+    (signal.SIGKILL, 7, 8, (6, 9)),  # resumes before the spawn, then spawns
+    (signal.SIGTERM, 14, 19, None),  # inside the soft phase: resumes at the step the checkpoint names
+    (signal.SIGKILL, 28, 29, (27, 30)),  # resumes in the soft phase, then switches to hard top-1
+    (signal.SIGKILL, 35, 36, (33, 36)),  # resumes after the hard switch
 )
 # SIGINT, and a SIGKILL before the first checkpoint, are tested in-process below (each process start
 # costs seconds on a shared 2-core machine).
+RESUMED = re.compile(r"resuming from (\S+)/step_(\d{8}) \(step (\d+)\)")
+
+
+def resumed_step(err: str, out: Path) -> int:
+    """The step a run resumed from, checked against the directory it names; fails on a fresh start."""
+    found = RESUMED.findall(err)
+    assert "starting a new run" not in err and len(found) == 1, f"not a resume:\n{err[-2000:]}"
+    where, dir_step, step = found[0]
+    assert Path(where) == out / "checkpoints" and int(dir_step) == int(step) > 0, found
+    return int(step)
 
 
 def rows_logged(path: Path) -> int:
@@ -71,9 +87,9 @@ def interrupt_at(cmd, env, metrics: Path, sig: signal.Signals, at_rows: int, rng
     try:
         deadline = time.monotonic() + 120
         # a resumed run first truncates metrics.jsonl to its checkpoint: count rows only after that
-        while (
-            resumed and "resum" not in log.read_text() and "starting a new run" not in log.read_text()
-        ) or (rows_logged(metrics) < at_rows):
+        while (resumed and "resuming from" not in log.read_text()) or (rows_logged(metrics) < at_rows):
+            if "starting a new run" in log.read_text():
+                proc.kill()
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
@@ -101,14 +117,18 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, cli_env, tiny_ar
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "evomoe", "train", *tiny_args, "--out", str(out)]
     metrics = out / "metrics.jsonl"
-    history = []
-    for i, (sig, lo, hi) in enumerate(PLAN):
+    history, allowed = [], None
+    for i, (sig, lo, hi, next_allowed) in enumerate(PLAN):
         at = rng.randint(lo, hi)
         rc, err = interrupt_at(
             cmd + (["--resume"] if i else []), cli_env, metrics, sig, at, rng, tmp_path / f"stderr_{i}.txt"
         )
         history.append((sig.name, at, rc))
         note = f"kill seed {seed} (rerun with EVOMOE_KILL_SEED={seed}); history {history}\n{err[-2000:]}"
+        if allowed is not None:
+            history[-1] += (f"resumed from {resumed_step(err, out)}",)
+            assert resumed_step(err, out) in allowed, note
+        allowed = next_allowed
         if sig == signal.SIGKILL:
             assert rc == -signal.SIGKILL, note
         else:  # a clean stop: checkpoint written at the step reached, exit status 130, no traceback
@@ -116,9 +136,16 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, cli_env, tiny_ar
             assert f"{sig.name}: checkpoint saved at step" in err and "Traceback" not in err, note
             step = int(err.split(f"{sig.name}: checkpoint saved at step ")[1].split(";")[0])
             assert (out / "checkpoints" / "latest").read_text() == f"step_{step:08d}", note
+            allowed = (step,)
     proc = subprocess.run(cmd + ["--resume"], env=cli_env, capture_output=True, text=True, timeout=300)
     note = f"kill seed {seed} (rerun with EVOMOE_KILL_SEED={seed}); history {history}"
     assert proc.returncode == 0, f"{note}\n{proc.stderr[-3000:]}"
+    assert resumed_step(proc.stderr, out) in allowed, f"{note}\n{proc.stderr[-2000:]}"
+    assert_same_as_reference(out, tiny_run, note)
+
+
+def assert_same_as_reference(out: Path, tiny_run: Path, note: str) -> None:
+    metrics = out / "metrics.jsonl"
 
     got, want = read_jsonl(metrics), read_jsonl(tiny_run / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 41)), note  # no row lost, none duplicated
@@ -248,3 +275,48 @@ def test_signal_handlers_restored_when_run_fails_early(tmp_path, evomoe_cache):
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# deterministic: a SIGKILL inside a checkpoint write, at two points of it
+
+# runs the CLI with the checkpoint writer patched to die (SIGKILL, after writing half of the file) when it
+# writes ``argv[2]`` of checkpoint step ``argv[3]``: the manifest (the step's directory is still under its
+# temporary name) or the ``latest`` pointer (the directory is complete, the pointer names the previous one)
+DIE_IN_WRITE = """
+import os, signal, sys
+import evomoe.train.checkpoint as ck
+from evomoe.cli import main
+what, step = sys.argv[2], int(sys.argv[3])
+real = ck.write_bytes_atomic
+def write_or_die(path, data):
+    if path.name == what and (what == "latest" or path.parent.name == f".tmp_step_{step:08d}"):
+        if what != "latest" or data == f"step_{step:08d}".encode():
+            path.with_name(f".{path.name}.tmp").write_bytes(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(path, data)
+ck.write_bytes_atomic = write_or_die
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def test_kill_inside_a_checkpoint_write_resumes_from_the_one_before(tmp_path, cli_env, tiny_args, tiny_run):
+    out = tmp_path / "run"
+    train = ["train", *tiny_args, "--out", str(out)]
+    for what, step, before in (("manifest.json", 12, None), ("latest", 24, 9)):
+        cmd = [sys.executable, "-c", DIE_IN_WRITE, "-", what, str(step), *train]
+        proc = subprocess.run(
+            cmd + (["--resume"] if before else []), env=cli_env, capture_output=True, text=True
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        if before:
+            assert resumed_step(proc.stderr, out) == before
+        assert (out / "checkpoints" / "latest").read_text() == f"step_{step - 3:08d}"
+    assert not (out / "checkpoints" / "step_00000012").exists()  # the torn one never got its name
+    assert (out / "checkpoints" / "step_00000024" / "manifest.json").is_file()  # complete, not yet named
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomoe", *train, "--resume"], env=cli_env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert resumed_step(proc.stderr, out) == 21  # ``latest`` leads: the run goes on from the pointer's step
+    assert_same_as_reference(out, tiny_run, "kill inside a checkpoint write")

@@ -15,7 +15,8 @@ from ..registry import ROUTERS, TASKS, Registry
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 SCHEMA_VERSION = 2  # bump with a migration in versions.py whenever a field is renamed or removed
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+STYLES = ("gpt2", "llama")
 EXPERT_IMPLS = ("auto", "loop", "grouped", "padded", "fused", "fused_grouped")
 GATE_INITS = ("auto", "zeros", "normal")
 SPAWN_MODES = ("copy", "mask", "reinit")
@@ -36,10 +37,19 @@ class ModelConfig:
     n_heads: int = 4
     seq_len: int = 128
     d_ff: int = 256  # hidden width of one expert (and of the dense FFN in non-MoE blocks)
-    activation: str = "gelu"  # gelu | relu | swiglu
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | swiglu
     moe_every: int = 1  # block i is an MoE block when (i + 1) % moe_every == 0
     tie_weights: bool = True
     dropout: float = 0.0
+    # gpt2: LayerNorm + learned positions; llama: RMSNorm + rotary positions (pair with activation=swiglu)
+    style: str = "gpt2"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # llama style only
+    n_kv_heads: int = 0  # grouped-query attention: 0 = n_heads
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection
+    mlp_bias: bool = False  # the FFN / every expert
+    init_from: str = ""  # a local Hugging Face model directory: shape, weights and tokenizer come from it
 
 
 @dataclass
@@ -106,6 +116,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False
+    tensorboard: bool = False  # also write the metrics as TensorBoard events under RUN/tensorboard
 
 
 @dataclass

@@ -21,6 +21,17 @@ def _model(cfg: Any) -> None:
     check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0 (0: from the tokenizer)")
     check(m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"must be divisible by n_heads={m.n_heads}")
     choice("model.activation", m.activation, s.ACTIVATIONS)
+    choice("model.style", m.style, s.STYLES)
+    check(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
+    check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    kv = m.n_kv_heads or m.n_heads
+    check(m.n_kv_heads >= 0 and m.n_heads % kv == 0, "model.n_kv_heads", m.n_kv_heads, "must divide n_heads")
+    check(
+        m.style == "gpt2" or (m.d_model // m.n_heads) % 2 == 0,
+        "model.d_model",
+        m.d_model,
+        "rotary positions need an even head width (d_model / n_heads)",
+    )
     check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     check(
         m.moe_every <= m.n_layers,

@@ -109,13 +109,17 @@ def load_token_data(
     batch_size: int,
     env: Mapping[str, str] = os.environ,
     log: Log = log_stderr,
+    tokenizer: Tokenizer | None = None,
 ) -> TokenData:
-    """Tokenized corpus for ``cfg`` from the cache (built on first use); ConfigError when it is too small."""
+    """Tokenized corpus for ``cfg`` from the cache (built on first use); ConfigError when it is too small.
+
+    ``tokenizer``: a pretrained model's own tokenizer instead of one trained on the corpus; ``cfg.tokenizer``
+    then names it (``pretrained:<hash of its file>``) so that the cache is keyed by it."""
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
-    if cfg.tokenizer not in ("bpe", "bytes"):
+    if cfg.tokenizer not in ("bpe", "bytes") and tokenizer is None:
         raise ConfigError(f"data.tokenizer = {cfg.tokenizer!r}: choose from: bpe, bytes")
-    cached = load_or_build(cfg, env, log)
+    cached = load_or_build(cfg, env, log, tokenizer)
     n_train, n_val = len(cached.train), len(cached.val)
     need_train = batch_size * (seq_len + 1)
     if n_train < need_train or n_val < seq_len + 1:

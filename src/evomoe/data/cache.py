@@ -155,12 +155,16 @@ def load_cached(directory: Path, meta: dict[str, Any]) -> CachedTokens:
 
 
 def build_cache(
-    cfg: DataConfig, directory: Path, listing: CorpusListing, log: Log = log_stderr
+    cfg: DataConfig,
+    directory: Path,
+    listing: CorpusListing,
+    log: Log = log_stderr,
+    tokenizer: Tokenizer | None = None,
 ) -> CachedTokens:
     """Read the corpus, train the tokenizer on the train split, encode both splits, write atomically."""
     text = read_corpus(cfg, listing)
     log(describe(text))
-    tok = train_tokenizer(cfg.tokenizer, text.train_text, cfg.vocab_size)
+    tok = tokenizer or train_tokenizer(cfg.tokenizer, text.train_text, cfg.vocab_size)
     dtype = token_dtype(tok.vocab_size)
     ids = {"train": tok.encode(text.train_text, dtype=dtype), "val": tok.encode(text.val_text, dtype=dtype)}
     try:
@@ -210,7 +214,9 @@ def build_cache(
     return CachedTokens(directory, arrays["train"], arrays["val"], tok, meta, rebuilt=True)
 
 
-def load_or_build(cfg: DataConfig, env: Mapping[str, str], log: Log = log_stderr) -> CachedTokens:
+def load_or_build(
+    cfg: DataConfig, env: Mapping[str, str], log: Log = log_stderr, tokenizer: Tokenizer | None = None
+) -> CachedTokens:
     """The cache for ``cfg``: reused when intact, else (re)built with a log line that says why."""
     listing = list_corpus(cfg)
     directory = resolve_cache_dir(cfg, env) / listing.fingerprint[:16]
@@ -227,4 +233,4 @@ def load_or_build(cfg: DataConfig, env: Mapping[str, str], log: Log = log_stderr
         log(f"data: building token cache {directory}")
     else:
         log(f"warning: data: rebuilding token cache {directory}: {why}")
-    return build_cache(cfg, directory, listing, log)
+    return build_cache(cfg, directory, listing, log, tokenizer)

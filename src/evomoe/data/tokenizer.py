@@ -105,6 +105,17 @@ def byte_level_map() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
+def encode_chunked(tok: hf.Tokenizer, text: str, dtype: type = np.int64) -> np.ndarray:
+    """Ids of ``text`` without special tokens, encoded in chunks (bounded memory)."""
+    chunks = list(iter_chunks(text))
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    parts: list[np.ndarray] = []
+    for i in range(0, len(chunks), ENCODE_BATCH):
+        for enc in encode_batch(chunks[i : i + ENCODE_BATCH], add_special_tokens=False):
+            parts.append(np.asarray(enc.ids, dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
 class BPETokenizer:
     """A byte-level BPE (``tokenizers`` library) with no special tokens and no added prefix space."""
 
@@ -149,13 +160,7 @@ class BPETokenizer:
         return self._token_bytes
 
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
-        chunks = list(iter_chunks(text))
-        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        parts: list[np.ndarray] = []
-        for i in range(0, len(chunks), ENCODE_BATCH):
-            for enc in encode_batch(chunks[i : i + ENCODE_BATCH], add_special_tokens=False):
-                parts.append(np.asarray(enc.ids, dtype=dtype))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        return encode_chunked(self._tok, text, dtype)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
@@ -167,6 +172,77 @@ class BPETokenizer:
         path = Path(directory) / TOKENIZER_FILE
         path.write_text(self.to_json(), encoding="utf-8")
         return path
+
+
+class PretrainedTokenizer:
+    """A model's own tokenizer (a ``tokenizer.json`` of the ``tokenizers`` library: byte-level BPE as in
+    GPT-2/Qwen2, or SentencePiece-style with byte fallback as in Llama). Text is encoded without special
+    tokens. ``token_bytes`` counts the UTF-8 bytes each id stands for (special tokens: 0)."""
+
+    kind = "pretrained"
+
+    def __init__(self, tok: hf.Tokenizer, source: str = "") -> None:
+        self._tok, self.source = tok, source
+        self._token_bytes = count_token_bytes(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PretrainedTokenizer:
+        """ValueError naming the file when it is missing or not a ``tokenizers`` JSON."""
+        try:
+            return cls(hf.Tokenizer.from_file(str(path)), str(path))
+        except Exception as e:  # the Rust side raises plain Exception on malformed files
+            raise ValueError(f"cannot load tokenizer '{path}': {str(e).splitlines()[0][:200]}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return self._token_bytes
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
+        return encode_chunked(self._tok, text, dtype)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "tokenizer": json.loads(self._tok.to_str())}) + "\n"
+
+    def hf_json(self) -> str:
+        """The ``tokenizer.json`` the ``tokenizers`` library (and ``transformers``) reads."""
+        return self._tok.to_str()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def count_token_bytes(tok: hf.Tokenizer) -> np.ndarray:
+    """UTF-8 bytes per id: byte-level pieces count one per char, ``<0xNN>`` one, ``▁`` a space."""
+    inv = byte_level_map()
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for i in range(out.size):
+        piece = tok.id_to_token(i)
+        if piece is None or piece in special:
+            continue
+        if _BYTE_FALLBACK.match(piece):
+            out[i] = 1
+        elif byte_level and all(c in inv for c in piece):
+            out[i] = len(piece)
+        else:
+            out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 def train_tokenizer(kind: str, train_text: str, vocab_size: int) -> Tokenizer:
@@ -187,6 +263,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise ValueError(f"cannot load tokenizer '{path}': {e}") from None
     if isinstance(data, dict) and data.get("kind") == "bytes":
         return ByteTokenizer()
+    if isinstance(data, dict) and data.get("kind") == "pretrained":
+        try:
+            return PretrainedTokenizer(hf.Tokenizer.from_str(json.dumps(data["tokenizer"])), str(path))
+        except Exception as e:
+            raise ValueError(f"cannot load tokenizer '{path}': {e}") from None
     try:
         return BPETokenizer(hf.Tokenizer.from_str(json.dumps(data)))
     except Exception as e:  # the Rust side raises plain Exception on malformed files

@@ -1,8 +1,10 @@
 """Shared building blocks: attention (causal / bidirectional / cross, padding-aware), the transformer block
 whose FFN slot is an ``MoELayer``, embeddings and initialisation.
 
-Legend: B batch, S query length, K key length, D width, H heads. Padding masks are ``valid_BS``: True for a
-real token. Plain single-device PyTorch: parallelism, precision and compilation come from outside.
+Legend: B batch, S query length, K key length, D width, H heads, Hkv key/value heads, Dh head width.
+Padding masks are ``valid_BS``: True for a real token. Plain single-device PyTorch: parallelism, precision
+and compilation come from outside. Style options (``model.style``, biases, grouped-query heads) and the
+key-value cache of incremental decoding are described in ``layers.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig, MoEConfig, is_moe_block
 from ..moe.layer import LayerStats, MoELayer
 from ..moe.router import RouterContext, Routing
+from .layers import KVCache, apply_rotary, attend_cached, make_norm, rotary_cos_sin
 
 ATTENTION_MODES = ("causal", "bidirectional", "cross")
 
@@ -42,38 +45,69 @@ def attention_mask(
 
 class Attention(nn.Module):
     """Multi-head attention. ``mode``: causal or bidirectional self-attention, or cross-attention to a
-    memory (``kv_BKD``). No biases; the projection back into the residual is ``proj``."""
+    memory (``kv_BKD``). Options from the model config: grouped-query heads (``n_kv_heads``), rotary
+    positions (``style = "llama"``, self-attention), biases (``qkv_bias``, ``out_bias``)."""
 
-    def __init__(self, cfg: ModelConfig, mode: str = "causal") -> None:
+    def __init__(self, cfg: ModelConfig, mode: str = "causal", layer_idx: int = 0) -> None:
         super().__init__()
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode {mode!r}: choose from: {', '.join(ATTENTION_MODES)}")
         self.mode, self.n_heads, self.dropout = mode, cfg.n_heads, cfg.dropout
-        D = cfg.d_model
+        self.n_kv, self.head_dim, self.layer_idx = (
+            cfg.n_kv_heads or cfg.n_heads,
+            cfg.d_model // cfg.n_heads,
+            layer_idx,
+        )
+        self.rotary, self.theta = cfg.style == "llama" and mode != "cross", cfg.rope_theta
+        D, kv_width = cfg.d_model, (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
         if mode == "cross":
-            self.q = nn.Linear(D, D, bias=False)
-            self.kv = nn.Linear(D, 2 * D, bias=False)
-        else:
-            self.qkv = nn.Linear(D, 3 * D, bias=False)
-        self.proj = nn.Linear(D, D, bias=False)
+            self.q = nn.Linear(D, D, bias=cfg.qkv_bias)
+            self.kv = nn.Linear(D, 2 * kv_width, bias=cfg.qkv_bias)
+        else:  # rows: [q; k; v], heads major (the layout of HF's q/k/v projections, concatenated)
+            self.qkv = nn.Linear(D, D + 2 * kv_width, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(D, D, bias=cfg.out_bias)
 
-    def _heads(self, t_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = t_BSD.shape
-        return t_BSD.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)  # B, H, S, D/H
+    def _heads(self, t_BSX: torch.Tensor, n: int) -> torch.Tensor:
+        B, S, _ = t_BSX.shape
+        return t_BSX.view(B, S, n, self.head_dim).transpose(1, 2)  # B, n, S, Dh
+
+    def _project(self, x_BSD: torch.Tensor, kv_BKD: torch.Tensor | None):
+        if self.mode == "cross":
+            k, v = self.kv(kv_BKD).chunk(2, dim=-1)
+            return self.q(x_BSD), k, v
+        kv_width = self.n_kv * self.head_dim
+        return self.qkv(x_BSD).split([x_BSD.shape[-1], kv_width, kv_width], dim=-1)
 
     def forward(
-        self, x_BSD: torch.Tensor, valid_BK: torch.Tensor | None = None, kv_BKD: torch.Tensor | None = None
+        self,
+        x_BSD: torch.Tensor,
+        valid_BK: torch.Tensor | None = None,
+        kv_BKD: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """``cache`` (causal mode, no padding): attend over the cached positions too, and append these."""
         B, S, D = x_BSD.shape
-        if self.mode == "cross":
-            q = self._heads(self.q(x_BSD))
-            k, v = (self._heads(t) for t in self.kv(kv_BKD).chunk(2, dim=-1))
-        else:
-            q, k, v = (self._heads(t) for t in self.qkv(x_BSD).chunk(3, dim=-1))
-        mask = attention_mask(self.mode, S, k.shape[2], valid_BK, x_BSD.device)
+        q, k, v = self._project(x_BSD, kv_BKD)
+        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
+        offset = cache.length if cache is not None else 0
+        if self.rotary:
+            cos, sin = rotary_cos_sin(
+                torch.arange(offset, offset + S, device=x_BSD.device), self.head_dim, self.theta
+            )
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(self.layer_idx, k, v)
+        if self.n_kv != self.n_heads:  # each key/value head serves n_heads / n_kv consecutive query heads
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))
         p = self.dropout if self.training else 0.0
-        causal = self.mode == "causal" and mask is None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+        if offset:
+            if valid_BK is not None:
+                raise ValueError("cached decoding takes no padding mask")
+            y = attend_cached(q, k, v, offset, p)
+        else:
+            mask = attention_mask(self.mode, S, k.shape[2], valid_BK, x_BSD.device)
+            causal = self.mode == "causal" and mask is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -85,13 +119,14 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.is_moe = moe.enabled and is_moe_block(layer_idx, cfg)
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg, mode)
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, mode, layer_idx)
         if cross:
-            self.ln_cross = nn.LayerNorm(cfg.d_model)
-            self.cross = Attention(cfg, "cross")
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = MoELayer(cfg.d_model, cfg.d_ff, cfg.activation, moe.experts_impl, cfg.n_layers)
+            self.ln_cross = make_norm(cfg)
+            self.cross = Attention(cfg, "cross", layer_idx)
+        self.ln2 = make_norm(cfg)
+        impl = moe.experts_impl
+        self.ffn = MoELayer(cfg.d_model, cfg.d_ff, cfg.activation, impl, cfg.n_layers, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -101,20 +136,27 @@ class Block(nn.Module):
         valid_BS: torch.Tensor | None = None,
         memory_BKD: torch.Tensor | None = None,
         memory_valid_BK: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, Routing | None, LayerStats]:
-        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), valid_BS))
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), valid_BS, cache=cache))
         if memory_BKD is not None:
             x_BSD = x_BSD + self.drop(self.cross(self.ln_cross(x_BSD), memory_valid_BK, memory_BKD))
         h_BSD, routing, stats = self.ffn(self.ln2(x_BSD), ctx)
         return x_BSD + self.drop(h_BSD), routing, stats
 
 
-def embed_tokens(tok_emb: nn.Embedding, pos_emb: nn.Embedding, idx_BS: torch.Tensor) -> torch.Tensor:
-    """Token + learned position embeddings, checking the length against the position table."""
-    S = idx_BS.shape[1]
-    if S > pos_emb.num_embeddings:
-        raise ValueError(f"sequence length {S} exceeds model.seq_len={pos_emb.num_embeddings}")
-    return tok_emb(idx_BS) + pos_emb(torch.arange(S, device=idx_BS.device))
+def embed_tokens(
+    tok_emb: nn.Embedding, pos_emb: nn.Embedding | None, idx_BS: torch.Tensor, seq_len: int, offset: int = 0
+) -> torch.Tensor:
+    """Token (+ learned position) embeddings of positions offset.., checking them against ``seq_len``
+    (``pos_emb`` None: rotary positions, applied inside attention)."""
+    end = offset + idx_BS.shape[1]
+    if end > seq_len:
+        raise ValueError(f"sequence length {end} exceeds model.seq_len={seq_len}")
+    x_BSD = tok_emb(idx_BS)
+    if pos_emb is None:
+        return x_BSD
+    return x_BSD + pos_emb(torch.arange(offset, end, device=idx_BS.device))
 
 
 def init_gpt2_style(model: nn.Module, n_layers: int) -> None:
@@ -126,3 +168,5 @@ def init_gpt2_style(model: nn.Module, n_layers: int) -> None:
             nn.init.normal_(p, std=0.02)
         elif name.endswith("proj.weight"):
             nn.init.normal_(p, std=out_std)
+        elif name.endswith(("qkv.bias", "proj.bias", ".q.bias", ".kv.bias")):
+            nn.init.zeros_(p)

@@ -15,6 +15,7 @@ from ..moe.router import GateState, RouterContext
 from ..registry import MODELS
 from .base import ModelOutput, MoEModel, RoutingCollector
 from .blocks import Block, embed_tokens, init_gpt2_style
+from .layers import KVCache, make_norm
 
 
 @MODELS.register("decoder")
@@ -27,9 +28,10 @@ class Decoder(MoEModel):
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg, self.moe_cfg = cfg, moe
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        # llama style: rotary positions inside attention, no table
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.style == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, moe, i, "causal") for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
@@ -39,11 +41,17 @@ class Decoder(MoEModel):
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def forward(
-        self, tokens_BS: torch.Tensor, valid_BS: torch.Tensor | None = None, gate: GateState | None = None
+        self,
+        tokens_BS: torch.Tensor,
+        valid_BS: torch.Tensor | None = None,
+        gate: GateState | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
-        """``valid_BS``: False for padding (never attended to, never routed)."""
+        """``valid_BS``: False for padding (never attended to, never routed). ``cache``: decode
+        ``tokens_BS`` after the positions it holds, and append theirs (incremental generation)."""
         B, S = tokens_BS.shape
-        x_BSD = embed_tokens(self.tok_emb, self.pos_emb, tokens_BS)
+        offset = cache.length if cache is not None else 0
+        x_BSD = embed_tokens(self.tok_emb, self.pos_emb, tokens_BS, self.cfg.seq_len, offset)
         ctx = RouterContext(
             gate=gate or GateState(),
             token_ids_T=tokens_BS.reshape(-1),
@@ -52,8 +60,10 @@ class Decoder(MoEModel):
         )
         collect = RoutingCollector(len(self.moe_layers()), x_BSD)
         for block in self.blocks:
-            x_BSD, routing, stats = block(x_BSD, ctx, valid_BS)
+            x_BSD, routing, stats = block(x_BSD, ctx, valid_BS, cache=cache)
             collect.add(block.ffn, block.is_moe, routing, stats)
+        if cache is not None:
+            cache.length += S
         return collect.output(self.lm_head(self.ln_f(x_BSD)))
 
 

@@ -69,7 +69,13 @@ def routing_stats(
 
 class MoELayer(nn.Module):
     def __init__(
-        self, d_model: int, d_ff: int, activation: str, impl: str = "auto", n_layers: int = 1
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        impl: str = "auto",
+        n_layers: int = 1,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.d_model, self.d_ff, self.activation, self.impl, self.n_layers = (
@@ -79,7 +85,7 @@ class MoELayer(nn.Module):
             impl,
             n_layers,
         )
-        self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers)
+        self.experts = Experts(1, d_model, d_ff, activation, impl, n_layers, bias=bias)
         self.router: Router | None = None
         self.shared: Experts | None = None  # always-on experts beside the routed ones (set at the spawn)
         self.dispatcher = LocalDispatcher()
@@ -120,12 +126,10 @@ class MoELayer(nn.Module):
 
     def forward_shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Sum of the shared experts on every token (padding too: its output is never read)."""
-        sh = self.shared
-        out = None
-        for w1, w2 in zip(sh.w1_EDH, sh.w2_EFD):
-            y = activate(x_TD @ w1.to(x_TD.dtype), self.activation) @ w2.to(x_TD.dtype)
-            out = y if out is None else out + y
-        return out
+        sh, T = self.shared, x_TD.shape[0]
+        counts_E = torch.full((sh.num_experts,), T, dtype=torch.long, device=x_TD.device)
+        y_PD = sh(x_TD.repeat(sh.num_experts, 1), counts_E)  # every token to every shared expert, in order
+        return y_PD.view(sh.num_experts, T, -1).sum(0).to(x_TD.dtype)
 
     def ffn_rows(self, stats: LayerStats) -> torch.Tensor | None:
         """Computed rows in units of one d_ff-wide FFN on one token: routed pairs scaled by the expert width,
@@ -136,9 +140,12 @@ class MoELayer(nn.Module):
         return stats.pairs * (self.experts.d_ff / self.d_ff) + stats.tokens * shared
 
     def forward_dense(self, x_TD: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.experts.w1_EDH[0], self.experts.w2_EFD[0]
-
-        return activate(x_TD @ w1.to(x_TD.dtype), self.activation) @ w2.to(x_TD.dtype)
+        ex = self.experts
+        w1, w2 = ex.w1_EDH[0].to(x_TD.dtype), ex.w2_EFD[0].to(x_TD.dtype)
+        if not ex.bias:
+            return activate(x_TD @ w1, self.activation) @ w2
+        h_TH = torch.addmm(ex.b1_EH[0].to(x_TD.dtype), x_TD, w1)
+        return torch.addmm(ex.b2_ED[0].to(x_TD.dtype), activate(h_TH, self.activation), w2)
 
     def dense_stats(self, x_TD: torch.Tensor, ctx: RouterContext) -> LayerStats:
         T = x_TD.shape[0]

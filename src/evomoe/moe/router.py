@@ -11,7 +11,8 @@ it needs instead of the trainer knowing its name:
   ``"token_counts"`` (training-set frequency of each token id, in ``RouterSpec.token_counts``);
 - ``dense_to_sparse``: it has a soft phase driven by the ``[gate]`` temperature schedule (``GateState``);
 - ``on_step(step)``: called after every optimizer step (bias updates, adaptive coefficients, hardening);
-- ``loss_weights()``: the coefficient of each aux loss it returns (losses come unscaled).
+- ``loss_weights()``: the coefficient of each aux loss it returns (losses come unscaled);
+- ``export_routing(hard)``: its evaluation routing as a softmax top-k (for export to transformers).
 State that must survive a checkpoint lives in parameters or persistent buffers.
 """
 
@@ -115,6 +116,12 @@ class Router(nn.Module):
 
     def on_step(self, step: int) -> None:
         """Called after optimizer step ``step`` (0-based) of training; default: nothing."""
+
+    def export_routing(self, hard: bool) -> tuple[int, bool]:
+        """Evaluation routing as ``softmax(x W_g)``, top-k, weights renormalised or not: (k, renormalised),
+        the semantics of the Hugging Face MoE classes. ``hard``: the gate's one-way hard flag at the
+        checkpoint. Raises ValueError saying why a router's routing is not of that form."""
+        raise ValueError(f"{type(self).__name__} routing is not a softmax top-k of a linear gate")
 
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:  # pragma: no cover
         raise NotImplementedError

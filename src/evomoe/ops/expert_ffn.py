@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+
+
+def _approx(activation: str) -> str:
+    """GELU variant: exact (erf) or GPT-2's tanh approximation."""
+    return "tanh" if activation == "gelu_tanh" else "none"
 
 
 def activation_into(h_NH: torch.Tensor, out_NF: torch.Tensor, activation: str) -> None:
@@ -23,8 +28,8 @@ def activation_into(h_NH: torch.Tensor, out_NF: torch.Tensor, activation: str) -
         f = out_NF.shape[1]
         torch.ops.aten.silu.out(h_NH[:, :f], out=out_NF)
         out_NF.mul_(h_NH[:, f:])
-    elif activation == "gelu":
-        torch.ops.aten.gelu.out(h_NH, out=out_NF)
+    elif activation in ("gelu", "gelu_tanh"):
+        torch.ops.aten.gelu.out(h_NH, approximate=_approx(activation), out=out_NF)
     elif activation == "relu":
         torch.clamp_min(h_NH, 0, out=out_NF)
     else:
@@ -43,8 +48,10 @@ def activation_grad_into(
         g_up.mul_(ga_NF)  # d/d up = ga * silu(gate)
         ga_NF.mul_(up)  # d/d gate = silu'(gate) * ga * up
         torch.ops.aten.silu_backward.grad_input(ga_NF, gate, grad_input=g_gate)
-    elif activation == "gelu":
-        torch.ops.aten.gelu_backward.grad_input(ga_NF, h_NH, grad_input=gh_NH)
+    elif activation in ("gelu", "gelu_tanh"):
+        torch.ops.aten.gelu_backward.grad_input(
+            ga_NF, h_NH, approximate=_approx(activation), grad_input=gh_NH
+        )
     elif activation == "relu":
         torch.ops.aten.threshold_backward.grad_input(ga_NF, h_NH, 0, grad_input=gh_NH)
     else:

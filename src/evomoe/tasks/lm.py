@@ -6,6 +6,8 @@ set of evenly spaced windows; metrics: loss (nats/token), perplexity and bits pe
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError, DataConfig
 from ..data import TokenData, load_token_data
+from ..data.tokenizer import PretrainedTokenizer, Tokenizer
+from ..models.hf.config import CONFIG_FILE
+from ..models.hf.load import check_tokenizer_fits, tokenizer_path
 from ..registry import TASKS
 from .base import Batch, EvalContext, Task
 from .flops import dense_token_flops
@@ -45,6 +51,22 @@ def lm_forward(model: Any, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | N
     return out
 
 
+def model_tokenizer(cfg: Any) -> tuple[Tokenizer | None, DataConfig]:
+    """With ``model.init_from``: the model's own tokenizer (checked against its embedding) and the data
+    config naming it (the token cache is keyed by the file's hash); else (None, ``cfg.data``)."""
+    directory = cfg.model.init_from
+    if not directory:
+        return None, cfg.data
+    path = tokenizer_path(directory)
+    try:
+        tok = PretrainedTokenizer.from_file(path)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    check_tokenizer_fits(path, tok.vocab_size, cfg.model.vocab_size, path.parent / CONFIG_FILE)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return tok, dataclasses.replace(cfg.data, tokenizer=f"pretrained:{digest}")
+
+
 @TASKS.register("lm")
 class LMTask(Task):
     model_kinds = ("decoder",)
@@ -59,7 +81,12 @@ class LMTask(Task):
     def __init__(self, cfg: Any, env: Any, log: Callable[[str], None], data: TokenData | None = None) -> None:
         super().__init__(cfg, env, log)
         t = cfg.train
-        self.data = data or load_token_data(cfg.data, cfg.model.seq_len, t.batch_size, env=env or {}, log=log)
+        if data is None:
+            tok, data_cfg = model_tokenizer(cfg)
+            data = load_token_data(
+                data_cfg, cfg.model.seq_len, t.batch_size, env=env or {}, log=log, tokenizer=tok
+            )
+        self.data = data
 
     @property
     def vocab_size(self) -> int:

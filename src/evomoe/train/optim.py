@@ -32,7 +32,8 @@ def param_groups(model: nn.Module, weight_decay: float, base_lr: float = 1.0) ->
             continue
         seen.add(id(p))
         is_router = ".router." in f".{name}"
-        (decay if p.dim() >= 2 and not is_router else no_decay).append(p)
+        is_bias = name.endswith(("bias", "b1_EH", "b2_ED"))  # experts' biases are [E, N]: rank 2
+        (decay if p.dim() >= 2 and not is_router and not is_bias else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

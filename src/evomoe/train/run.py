@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..config import Config, to_toml
+from ..data.tokenizer import TOKENIZER_FILE
 from .checkpoint import write_bytes_atomic
 from .metrics import truncate_jsonl
 from .trainer import Trainer, resumable_checkpoint
@@ -33,6 +34,10 @@ def run_training(
             truncate_jsonl(out / name, 0)
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
+    # the run's tokenizer (tasks with one), for ``evomoe generate`` and ``evomoe export``
+    tokenizer = getattr(getattr(trainer.task, "data", None), "tokenizer", None)
+    if tokenizer is not None:
+        write_bytes_atomic(out / TOKENIZER_FILE, tokenizer.to_json().encode("utf-8"))
     result = trainer.run()
     if result["stopped"]:
         return None

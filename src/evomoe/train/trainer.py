@@ -27,6 +27,8 @@ from ..tasks.flops import step_flops
 from . import checkpoint as ckpt
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
+from .pretrained import build_model, resolve_pretrained
+from .tensorboard import open_sink
 
 
 class TrainingError(RuntimeError):
@@ -95,13 +97,15 @@ class Trainer:
         self.par = make_parallel(cfg, env or {}, self.device, log)
         self.show_progress = progress and self.par.is_main
         torch.manual_seed(t.seed)
+        resolve_pretrained(cfg)  # model.init_from: the model's shape from its directory
         self.task = self.par.main_first(lambda: build_task(cfg, env or {}, log, data))
         self._set_vocab_size()
-        self.model = model_class(cfg)(cfg.model, cfg.moe).to(self.device)
+        self.model = build_model(cfg, model_class(cfg)).to(self.device)
         self.router_info = self._router_info()
         self.schedules: Schedules = build_schedules(cfg)
         self.spawn_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17)
-        if cfg.moe.enabled and cfg.evolve.diversify_steps == 0:
+        # an imported model spawns from its pretrained MLPs at step 0 instead (train_step)
+        if cfg.moe.enabled and cfg.evolve.diversify_steps == 0 and not cfg.model.init_from:
             self.par.fresh_experts(self.model, cfg, self.spawn_gen, self.router_info)
             self.model.to(self.device)
         self.fwd = self.par.wrap(self.model)  # the module called for training forwards (DDP / FSDP / model)
@@ -304,6 +308,7 @@ class Trainer:
             metrics, evals = JsonlWriter(self.out / "metrics.jsonl"), JsonlWriter(self.out / "eval.jsonl")
         else:  # every rank computes; rank 0 writes
             metrics, evals = NullWriter(), NullWriter()
+        board = open_sink(self.cfg.train.tensorboard and self.par.is_main, self.out / "tensorboard")
         interval, last = self.interval, None
         bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -324,12 +329,14 @@ class Trainer:
                         row = self.log_row(step, interval, interval_tokens / max(interval_seconds, 1e-9))
                         row.update(comm)
                         metrics.write(row)
+                        board.write(row)
                         bar.update(done, row)
                         interval.reset()
                         interval_seconds, interval_tokens = 0.0, 0
                     if done % t.eval_every == 0 or done == t.steps:
                         last = self.evaluate()
                         evals.write(last)
+                        board.write_eval(last)
                         bar.note(f"step {done}: val_loss {last['val_loss']:.4f}  ppl {last['val_ppl']:.2f}")
                     # with several ranks, the stop request agreed at this step (a signal may reach one rank)
                     stop = self.par.agreed_stop(self.stop_requested)
@@ -342,6 +349,7 @@ class Trainer:
         finally:
             metrics.close()
             evals.close()
+            board.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return {"stopped": self.stop_requested, "step": self.state.step, "eval": last}

@@ -3,10 +3,12 @@
 Affinity a[t, e] = x_t . c_e with learned centroids c_e (orthogonal init, gain 0.1), in float32. The
 choice of expert carries no gradient. Training: every expert gets exactly T/E of the valid tokens
 (``ops.auction``: when E does not divide T, the first T % E experts get one token more), maximising the
-total affinity. Evaluation: greedy top-1, no balancing. The pair's weight is sigmoid(x_t . c_e) with
-gradient: the centroids learn only through it. The spec's output x + sigmoid(x . c_e) * FFN_e(x) comes
-from the transformer block's residual, which supplies the "x +"; the MoE layer returns only the weighted
-FFN term. No aux loss. Padding (``ctx.valid_T`` False) is neither routed nor counted in the balance.
+total affinity exactly (auction prices, then successive shortest paths; no heuristic fallback at any
+T/E, so there is nothing to count in the metrics). Evaluation: greedy top-1, no balancing. The pair's
+weight is sigmoid(x_t . c_e) with gradient: the centroids learn only through it. The spec's output
+x + sigmoid(x . c_e) * FFN_e(x) comes from the transformer block's residual, which supplies the "x +";
+the MoE layer returns only the weighted FFN term. No aux loss. Padding (``ctx.valid_T`` False) is
+neither routed nor counted in the balance.
 Legend: T tokens, D width, E experts, P pairs.
 """
 

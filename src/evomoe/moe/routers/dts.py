@@ -66,6 +66,20 @@ class DTSRouter(Router):
         if self.balancer is not None:
             self.balancer.on_step()
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:
+        if self.cfg.bias_rate > 0:
+            raise ValueError(
+                f"router.dts.bias_rate = {self.cfg.bias_rate}: the aux-loss-free bias changes which "
+                "experts are chosen: a Hugging Face MoE router (softmax top-k of a linear gate) cannot"
+            )
+        if not hard:
+            raise ValueError(
+                "a DTS gate in its soft phase trains with a variable number of experts per token (every "
+                "expert above router.dts.threshold), which no top-k MoE class computes; export a checkpoint "
+                "taken after the hard switch (gate.hard_after steps after the spawn)"
+            )
+        return 1, False  # argmax of softmax(z), weight = its probability (not renormalised)
+
     def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection mask (no gradient) and the tempered weights y."""
         if not self.training:

@@ -15,6 +15,9 @@ class SoftRouter(Router):
         super().__init__(spec)
         self.gate = LinearGate(spec.d_model, spec.num_experts, self.gate_init)
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:  # noqa: ARG002
+        return self.num_experts, False  # every expert, softmax weights
+
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         p_TE = torch.softmax(self.gate(x_TD), dim=-1)
         sel_TE = torch.ones_like(p_TE, dtype=torch.bool)

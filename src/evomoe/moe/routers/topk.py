@@ -96,6 +96,20 @@ class TopKRouter(Router):
         if self.balancer is not None:
             self.balancer.on_step()
 
+    def export_routing(self, hard: bool) -> tuple[int, bool]:  # noqa: ARG002
+        if self.cfg.bias_rate > 0:
+            raise ValueError(
+                f"router.topk.bias_rate = {self.cfg.bias_rate}: the aux-loss-free bias changes which "
+                "experts are chosen: a Hugging Face MoE router (softmax top-k of a linear gate) cannot"
+            )
+        if self.cfg.capacity_factor > 0:
+            raise ValueError(
+                f"router.topk.capacity_factor = {self.cfg.capacity_factor} drops tokens past capacity, also "
+                "at evaluation; the Hugging Face MoE classes never drop (train with capacity_factor = 0)"
+            )
+        # at evaluation every second_policy keeps the second best expert: a plain top-k
+        return self.cfg.k, self.cfg.k > 1 and self.cfg.renormalize
+
     def choose(self, z_TE: torch.Tensor, p_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[T, K] experts and which of them are kept before capacity (None: all of them)."""
         k = self.cfg.k
