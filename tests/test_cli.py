@@ -14,6 +14,7 @@ import pytest
 
 from evomoe.config import Config, ConfigError, load_config
 from evomoe.data import load_token_data
+from evomoe.registry import ROUTERS
 
 SHORT = [
     "tiny",
@@ -45,7 +46,7 @@ BAD_VALUES = [
     ("--train.lr=-1", "train.lr = -1.0: must be > 0"),
     ("--train.lr=nan", "train.lr = nan: must be > 0"),
     ("--model.d_model=65", "model.d_model = 65: must be divisible by n_heads=2"),
-    ("--router.name=nope", "router.name = 'nope': choose from: base, dts, hash, soft, stablemoe, topk"),
+    ("--router.name=nope", f"router.name = 'nope': choose from: {', '.join(ROUTERS.names())}"),
     ("--train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
     ("--train.bogus=1", "unknown config key 'train.bogus'"),
     ("--evolve.diversify_steps=100", "evolve.diversify_steps = 100: must be < train.steps=4"),
