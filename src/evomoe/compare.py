@@ -201,12 +201,22 @@ def _mean_spread(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def task_metrics(runs: dict[str, list[dict]]) -> list[str]:
+    """The task's own final metrics every run reports (BLEU, chrF, masked accuracy, ...), beyond the loss."""
+    skip = {"val_loss", "val_ppl", "train_flops", "tokens", "train_seconds", "tokens_per_s", "skipped_steps",
+            "seed", "steps"}  # fmt: skip
+    all_runs = [r for rs in runs.values() for r in rs]
+    keys = [k for k, v in all_runs[0].items() if k not in skip and isinstance(v, float)] if all_runs else []
+    return [k for k in keys if all(isinstance(r.get(k), float) for r in all_runs)]
+
+
 def aggregate(runs: dict[str, list[dict]], target_method: str = "switch") -> dict:
     """Per-method means/spreads, and the steps/FLOPs to reach the target method's final val loss."""
     target = None
     if target_method in runs:
         target = statistics.fmean(r["val_loss"] for r in runs[target_method])
     table = {}
+    extra = task_metrics(runs)
     for method, rs in runs.items():
         loss_m, loss_s = _mean_spread([r["val_loss"] for r in rs])
         reach = [first_reach(r["stats"]["evals"], target) for r in rs] if target is not None else []
@@ -228,6 +238,7 @@ def aggregate(runs: dict[str, list[dict]], target_method: str = "switch") -> dic
             "flops_to_target": statistics.fmean(x[1] for x in reached)
             if len(reached) == len(rs) and rs
             else None,
+            "metrics": {k: _mean_spread([r[k] for r in rs]) for k in extra},
         }
     return {"target_method": target_method, "target_val_loss": target, "methods": table}
 
@@ -250,12 +261,18 @@ def write_markdown(summary: dict, out: Path, command: str, budgets: dict | None 
         "| dropped | steps to target | FLOPs to target |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    extra = list(next(iter(summary["methods"].values()), {}).get("metrics", {}))
+    if extra:
+        lines[-2] = lines[-2].removesuffix(" |") + " | " + " | ".join(extra) + " |"
+        lines[-1] += "---|" * len(extra)
     for m, r in summary["methods"].items():
+        cells = "".join(f" {mean:.4g} ± {std:.2g} |" for mean, std in r.get("metrics", {}).values())
         lines.append(
             f"| {m} | {len(r['seeds'])} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} "
             f"| {r['train_flops']:.3g} "
             f"| {r['tokens_per_s']:,.0f} | {r['experts_per_token']:.2f} | {r['dropped_fraction']:.3f} "
             f"| {_fmt(r['steps_to_target'], '.0f')} ({r['reached']}) | {_fmt(r['flops_to_target'], '.3g')} |"
+            + cells
         )
     lines += budget_lines(budgets) if budgets else []
     lines += [

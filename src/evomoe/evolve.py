@@ -90,6 +90,47 @@ def zero_sum_noise(w2_EFD: torch.Tensor, sigma: float, generator: torch.Generato
     return noise - noise.mean(dim=0, keepdim=True)
 
 
+def expert_hidden(cfg: Config, d_ff: int) -> int:
+    """Hidden width of one routed expert: ``moe.expert_width`` times the layer's dense width ``d_ff``."""
+    return max(1, round(cfg.moe.expert_width * d_ff))
+
+
+def narrow_experts(
+    w1_EDH: torch.Tensor, w2_EFD: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-grained experts from full-width ones: expert e keeps hidden units (e * width + j) mod d_ff,
+    j < width (width <= d_ff). With E * width = d_ff the experts partition the dense FFN's units."""
+    E, d_ff = w2_EFD.shape[0], w2_EFD.shape[1]
+    if width == d_ff:
+        return w1_EDH, w2_EFD
+    swiglu = w1_EDH.shape[2] == 2 * d_ff
+    idx_EN = (torch.arange(E).unsqueeze(1) * width + torch.arange(width)) % d_ff
+    w1 = torch.stack([w1_EDH[e][:, _neuron_columns(idx_EN[e], d_ff, swiglu)] for e in range(E)])
+    w2 = torch.stack([w2_EFD[e][idx_EN[e]] for e in range(E)])
+    return w1.contiguous(), w2.contiguous()
+
+
+def add_shared_experts(
+    layer: MoELayer, cfg: Config, base: Experts | None, generator: torch.Generator
+) -> None:
+    """``moe.shared_experts`` always-on experts of width d_ff: copies of the trained dense FFN (``base``,
+    the spawn keeps what phase 1 learned there) or freshly initialised ones."""
+    n = cfg.moe.shared_experts
+    if n == 0:
+        return
+    old = layer.experts
+    shared = Experts(n, old.d_model, layer.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias)
+    with torch.no_grad():
+        if base is not None:
+            for name, _ in shared.named_parameters():  # weights and, for an imported FFN, its biases
+                getattr(shared, name).copy_(getattr(base, name).data[0].expand_as(getattr(shared, name)))
+        else:
+            std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
+            shared.w1_EDH.copy_(torch.randn(shared.w1_EDH.shape, generator=generator) * std_in)
+            shared.w2_EFD.copy_(torch.randn(shared.w2_EFD.shape, generator=generator) * std_out)
+    layer.shared = shared.to(old.w1_EDH.device)
+
+
 def build_router(cfg: Config, **info) -> Router:
     """The configured router for one MoE layer. ``info``: ``RouterSpec`` fields (layer_idx,
     num_moe_layers, vocab_size, token_counts)."""
@@ -110,16 +151,24 @@ def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **rout
         raise RuntimeError("this MoE layer has already spawned its experts")
     old = layer.experts
     E = cfg.moe.num_experts
-    new = Experts(E, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias)
+    width = expert_hidden(cfg, layer.d_ff)
+    if old.bias and width != old.d_ff:
+        raise ValueError(
+            f"moe.expert_width = {cfg.moe.expert_width}: narrower experts are not supported for an FFN with "
+            "biases (an imported model); keep moe.expert_width = 1"
+        )
+    new = Experts(E, old.d_model, width, old.activation, old.impl, old.n_layers, bias=old.bias)
     new = new.to(old.w1_EDH.device)
     with torch.no_grad():
         w1, w2 = spawn_weights(old.w1_EDH.data[0], old.w2_EFD.data[0], E, cfg, generator)
+        w1, w2 = narrow_experts(w1, w2, width)
         new.w1_EDH.copy_(w1)
         new.w2_EFD.copy_(w2)
         if old.bias:
             new.b1_EH.copy_(spawn_bias(old.b1_EH.data[0], w1, old.w1_EDH.data[0]))
             new.b2_ED.copy_(old.b2_ED.data[0].expand_as(new.b2_ED))
     layer.experts = new
+    add_shared_experts(layer, cfg, old, generator)
     layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
     mapping = {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
     if old.bias:
@@ -137,14 +186,14 @@ def spawn_bias(b1_H: torch.Tensor, w1_EDH: torch.Tensor, base_w1_DH: torch.Tenso
 def fresh_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **router_info) -> dict:
     """Start directly sparse (diversify_steps = 0): E independently initialised experts and a gate."""
     old = layer.experts
-    new = Experts(
-        cfg.moe.num_experts, old.d_model, old.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias
-    )
+    E, width = cfg.moe.num_experts, expert_hidden(cfg, layer.d_ff)
+    new = Experts(E, old.d_model, width, old.activation, old.impl, old.n_layers, bias=old.bias)
     std_in, std_out = init_std(cfg.model.d_model, cfg.model.n_layers)
     with torch.no_grad():
         new.w1_EDH.copy_(torch.randn(new.w1_EDH.shape, generator=generator) * std_in)
         new.w2_EFD.copy_(torch.randn(new.w2_EFD.shape, generator=generator) * std_out)
     layer.experts = new.to(old.w1_EDH.device)
+    add_shared_experts(layer, cfg, None, generator)
     layer.router = build_router(cfg, **router_info).to(old.w1_EDH.device)
     mapping = {old.w1_EDH: new.w1_EDH, old.w2_EFD: new.w2_EFD}
     if old.bias:  # biases start at zero

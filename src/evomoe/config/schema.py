@@ -60,6 +60,8 @@ class MoEConfig:
     num_experts: int = 8
     experts_impl: str = "auto"  # auto | loop | grouped | padded | fused | fused_grouped
     enabled: bool = True  # false: the dense baseline (every block a dense FFN of width d_ff)
+    shared_experts: int = 0  # always-on experts of width d_ff beside the routed ones (from the spawn on)
+    expert_width: float = 1.0  # routed expert hidden width, times d_ff (fine-grained experts: < 1)
 
 
 @dataclass

@@ -58,6 +58,19 @@ def _task_and_model(cfg: Any) -> None:
 def _moe_and_router(cfg: Any) -> None:
     check(cfg.moe.num_experts >= 1, "moe.num_experts", cfg.moe.num_experts, "must be >= 1")
     choice("moe.experts_impl", cfg.moe.experts_impl, s.EXPERT_IMPLS)
+    m = cfg.moe
+    check(m.shared_experts >= 0, "moe.shared_experts", m.shared_experts, "must be >= 0")
+    check(0.0 < m.expert_width < math.inf, "moe.expert_width", m.expert_width, "must be finite and > 0")
+    width = round(m.expert_width * cfg.model.d_ff)
+    check(
+        width >= 1, "moe.expert_width", m.expert_width, f"must give >= 1 hidden unit of d_ff={cfg.model.d_ff}"
+    )
+    check(
+        m.expert_width <= 1.0 or cfg.evolve.diversify_steps == 0,
+        "moe.expert_width",
+        m.expert_width,
+        "must be <= 1 when experts are spawned from the dense FFN (evolve.diversify_steps > 0)",
+    )
     choice("router.name", cfg.router.name, ROUTERS.names())
     choice("router.gate_init", cfg.router.gate_init, s.GATE_INITS)
 

@@ -78,6 +78,10 @@ class ByteTokenizer:
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
 
+    def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
+        """Each line's ids (short texts: sentences of a parallel corpus)."""
+        return [self.encode(line) for line in lines]
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
@@ -162,11 +166,69 @@ class BPETokenizer:
     def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
         return encode_chunked(self._tok, text, dtype)
 
+    def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
+        """Each line's ids, in one batched call (short texts: sentences of a parallel corpus)."""
+        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [
+            np.asarray(e.ids, dtype=np.int64) for e in encode_batch(list(lines), add_special_tokens=False)
+        ]
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
 
     def to_json(self) -> str:
         return self._tok.to_str()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+
+SPECIALS = ("<pad>", "<mask>", "<s>", "</s>")
+
+
+class SpecialTokens:
+    """A tokenizer plus the special tokens ``<pad>``, ``<mask>``, ``<s>``, ``</s>`` (masked LM, translation).
+
+    The specials take the ids just past the base vocabulary, so the base ids (and the LM's token cache)
+    are unchanged. Text never encodes to a special (``"<pad>"`` in a text is its ordinary pieces); the
+    specials stand for no bytes and ``decode`` leaves them out. Works the same over bytes and BPE.
+    """
+
+    def __init__(self, base: Tokenizer) -> None:
+        self.base = base
+        self.kind = base.kind
+        n = base.vocab_size
+        self.pad_id, self.mask_id, self.bos_id, self.eos_id = n, n + 1, n + 2, n + 3
+
+    @property
+    def num_normal(self) -> int:
+        """Ids [0, num_normal) are text pieces; the specials follow."""
+        return self.base.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + len(SPECIALS)
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return np.concatenate([self.base.token_bytes, np.zeros(len(SPECIALS), dtype=np.int64)])
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
+        return self.base.encode(text, dtype)
+
+    def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
+        return self.base.encode_lines(lines)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.base.decode(ids[ids < self.num_normal])
+
+    def to_json(self) -> str:
+        return (
+            json.dumps({"kind": "specials", "specials": list(SPECIALS), "base": self.base.to_json()}) + "\n"
+        )
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
@@ -261,8 +323,16 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot load tokenizer '{path}': {e}") from None
+    return tokenizer_from_json(data, path)
+
+
+def tokenizer_from_json(data: object, path: str | Path = "<json>") -> Tokenizer:
     if isinstance(data, dict) and data.get("kind") == "bytes":
         return ByteTokenizer()
+    if isinstance(data, dict) and data.get("kind") == "specials":
+        if tuple(data.get("specials", ())) != SPECIALS:
+            raise ValueError(f"cannot load tokenizer '{path}': special tokens {data.get('specials')}")
+        return SpecialTokens(tokenizer_from_json(json.loads(data["base"]), path))
     if isinstance(data, dict) and data.get("kind") == "pretrained":
         try:
             return PretrainedTokenizer(hf.Tokenizer.from_str(json.dumps(data["tokenizer"])), str(path))

@@ -2,5 +2,7 @@
 
 from .base import ModelOutput, MoEModel, RoutingCollector
 from .decoder import GPT, Decoder
+from .encdec import EncoderDecoder
+from .encoder import MaskedLM
 
-__all__ = ["GPT", "Decoder", "ModelOutput", "MoEModel", "RoutingCollector"]
+__all__ = ["GPT", "Decoder", "EncoderDecoder", "MaskedLM", "ModelOutput", "MoEModel", "RoutingCollector"]

@@ -39,7 +39,7 @@ class RoutingCollector:
         self.ffn_rows: torch.Tensor | None = None
 
     def add(self, ffn: MoELayer, is_moe: bool, routing: Routing | None, stats: LayerStats) -> None:
-        rows = stats.pairs
+        rows = stats.pairs if stats.ffn_rows is None else stats.ffn_rows
         self.ffn_rows = rows if self.ffn_rows is None else self.ffn_rows + rows
         if not is_moe:
             return

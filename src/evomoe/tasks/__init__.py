@@ -1,3 +1,3 @@
 """Tasks, one file each; importing this package registers them in ``evomoe.registry.TASKS``."""
 
-from . import lm  # noqa: F401
+from . import lm, mlm, mt  # noqa: F401

@@ -5,7 +5,11 @@ temperature, experts_per_token (mean over MoE layers and tokens), max_experts_pe
 dropped_fraction, load_cv (coefficient of variation of tokens per expert, mean over MoE layers),
 entropy (routing entropy, nats; entropy_layers: per MoE layer), tokens_per_expert (per MoE layer,
 fractions), tokens_per_s, flops (cumulative training FLOPs actually executed), tokens (cumulative),
-grad_norm, skipped_steps. The trainer adds expert_diversity and expert_diversity_layers (train/readout.py).
+grad_norm, skipped_steps; experts_per_token_std, chunk_sparsity (share of experts an 8-token chunk of a
+sequence never uses, mean over MoE layers), dead_experts (experts that received no token in the interval,
+summed over MoE layers), and ``layers``: per MoE layer lists of k_mean, k_std, k_max (experts per token),
+chunk_sparsity, load_cv, dead_experts. With expert parallelism the per-layer k and chunk figures are rank
+0's tokens. The trainer adds expert_diversity and expert_diversity_layers (train/readout.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 import torch
 
 from ..moe.layer import LayerStats
+from ..moe.stats import dead_experts, load_cv
+
+LAYER_SUMS = ("tokens", "pairs", "k_sumsq", "chunk_empty", "chunk_slots")  # per layer, summed over steps
 
 
 class IntervalStats:
@@ -36,6 +43,7 @@ class IntervalStats:
         self.max_k = 0.0
         self.entropy = 0.0
         self.counts: list[torch.Tensor] | None = None
+        self.layers: list[dict] | None = None  # per MoE layer: LAYER_SUMS and max_k
         self.grad_norm = 0.0
 
     def add(self, loss: torch.Tensor, aux: dict, stats: list[LayerStats], grad_norm: torch.Tensor) -> None:
@@ -58,18 +66,50 @@ class IntervalStats:
         counts = [s.counts_E.float() for s in stats]
         if self.counts is None or any(a.shape != b.shape for a, b in zip(self.counts, counts)):
             self.counts = counts
+            self.layers = None  # the layers changed shape (the spawn): start their sums afresh
         else:
             self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.add_layers(stats)
 
-    FIELDS = ("steps", "loss", "aux", "tokens", "pairs", "dropped", "max_k", "entropy", "counts", "grad_norm")
+    def add_layers(self, stats: list[LayerStats]) -> None:
+        zero = torch.zeros((), dtype=torch.float64)
+        now = []
+        for s in stats:
+            d = {k: zero if getattr(s, k) is None else getattr(s, k).detach().double() for k in LAYER_SUMS}
+            d["max_k"] = s.max_experts_per_token.detach().double()
+            now.append(d)
+        if self.layers is None or len(self.layers) != len(now):
+            self.layers = now
+            return
+        for acc, d in zip(self.layers, now):
+            for k in LAYER_SUMS:
+                acc[k] = acc[k] + d[k]
+            acc["max_k"] = torch.maximum(acc["max_k"], d["max_k"])
+
+    FIELDS = (
+        "steps",
+        "loss",
+        "aux",
+        "tokens",
+        "pairs",
+        "dropped",
+        "max_k",
+        "entropy",
+        "counts",
+        "grad_norm",
+        "layers",
+    )
 
     def state_dict(self) -> dict:
         """The sums of a partly filled interval, for a checkpoint written between two log lines: a resumed
         run then logs the same row as an uninterrupted one (tensors are detached copies on the CPU)."""
         cpu = lambda v: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        state = {k: cpu(getattr(self, k)) for k in self.FIELDS if k not in ("aux", "counts")}
+        state = {k: cpu(getattr(self, k)) for k in self.FIELDS if k not in ("aux", "counts", "layers")}
         state["aux"] = {k: cpu(v) for k, v in self.aux.items()}
         state["counts"] = None if self.counts is None else [cpu(c) for c in self.counts]
+        state["layers"] = (
+            None if self.layers is None else [{k: cpu(v) for k, v in d.items()} for d in self.layers]
+        )
         return state
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
@@ -80,6 +120,9 @@ class IntervalStats:
                 self.aux = {name: dev(v) for name, v in state["aux"].items()}
             elif k == "counts":
                 self.counts = None if state["counts"] is None else [dev(c) for c in state["counts"]]
+            elif k == "layers":  # absent from checkpoints written before the per-layer statistics
+                layers = state.get("layers")
+                self.layers = None if layers is None else [{n: dev(v) for n, v in d.items()} for d in layers]
             else:
                 setattr(self, k, dev(state[k]))
 
@@ -92,6 +135,8 @@ class IntervalStats:
             mean = c.mean().item()
             cvs.append(c.std(unbiased=False).item() / mean if mean > 0 else 0.0)
             fractions.append([round(x, 5) for x in (c / c.sum().clamp_min(1)).tolist()])
+        per_layer = self.layer_rows()
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         return {
             "loss": item(self.loss) / n,
             "aux": {k: item(v) / n for k, v in self.aux.items()},
@@ -103,7 +148,26 @@ class IntervalStats:
             "entropy_layers": [round(float(x) / n, 5) for x in torch.as_tensor(self.entropy).reshape(-1)],
             "tokens_per_expert": fractions,
             "grad_norm": item(self.grad_norm) / n,
+            "experts_per_token_std": mean(per_layer["k_std"]),
+            "chunk_sparsity": mean(per_layer["chunk_sparsity"]),
+            "dead_experts": sum(per_layer["dead_experts"]),
+            "layers": per_layer,
         }
+
+    def layer_rows(self) -> dict[str, list]:
+        """Per MoE layer: experts per token (mean, std, max), chunk sparsity, load CV, dead experts."""
+        out: dict[str, list] = {k: [] for k in ("k_mean", "k_std", "k_max", "chunk_sparsity")}
+        for d in self.layers or []:
+            tokens = max(d["tokens"].item(), 1.0)
+            mean = d["pairs"].item() / tokens
+            out["k_mean"].append(round(mean, 5))
+            out["k_std"].append(round(math.sqrt(max(d["k_sumsq"].item() / tokens - mean * mean, 0.0)), 5))
+            out["k_max"].append(d["max_k"].item())
+            slots = d["chunk_slots"].item()
+            out["chunk_sparsity"].append(round(d["chunk_empty"].item() / slots, 5) if slots else 0.0)
+        out["load_cv"] = [round(load_cv(c), 5) for c in self.counts or []]
+        out["dead_experts"] = [dead_experts(c) for c in self.counts or []]
+        return out
 
 
 def sanitize(row: dict) -> dict:

@@ -1,4 +1,8 @@
-"""AdamW with decoupled weight decay on matrices (not on norms, biases or the routers)."""
+"""AdamW with decoupled weight decay on matrices (not on norms, biases or the routers).
+
+A router may ask for its own peak learning rate (``param_lr()`` > 0, e.g. BlockFFN's ``router_lr``): its
+parameters then form a group whose ``lr_scale`` = router lr / ``train.lr`` follows the model's schedule.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,21 @@ from torch import nn
 from ..config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def router_lr_groups(model: nn.Module, base_lr: float, seen: set) -> list[dict]:
+    """One no-decay group per router that sets its own learning rate (parameters added to ``seen``)."""
+    groups = []
+    for module in model.modules():
+        lr = getattr(module, "param_lr", lambda: 0.0)()
+        if lr > 0:
+            params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            groups.append({"params": params, "weight_decay": 0.0, "lr_scale": lr / base_lr})
+    return groups
+
+
+def param_groups(model: nn.Module, weight_decay: float, base_lr: float = 1.0) -> list[dict]:
     decay, no_decay, seen = [], [], set()
+    routers = router_lr_groups(model, base_lr, seen)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -20,6 +37,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *routers,
     ]
 
 
@@ -29,13 +47,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     impl = getattr(cfg, "optimizer_impl", "foreach")
     kind = {"fused": True} if impl == "fused" else {"foreach": True}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kind
+        param_groups(model, cfg.weight_decay, cfg.lr),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        **kind,
     )
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def rebuild_after_spawn(
@@ -48,7 +70,7 @@ def rebuild_after_spawn(
     new = build_optimizer(model, cfg)
     inverse = {new_p: old_p for old_p, new_p in mapping.items()}
     for group in new.param_groups:
-        group["lr"] = old.param_groups[0]["lr"]
+        group["lr"] = old.param_groups[0]["lr"] * group.get("lr_scale", 1.0)
         for p in group["params"]:
             if p in inverse:
                 src = old.state.get(inverse[p])

@@ -105,6 +105,58 @@ def plot_waste(rows, out: Path) -> str | None:
     return _save(fig, out / "diversity_entropy.png")
 
 
+# eval.jsonl fields that are not a task metric of their own (or are plotted elsewhere)
+NOT_TASK_METRICS = {"step", "phase", "flops", "tokens", "val_loss", "val_ppl", "experts_per_token"}
+
+
+def plot_eval_metrics(rows, evals, out: Path) -> list[str]:
+    """One plot per task metric of eval.jsonl (BLEU, chrF, masked accuracy, bits/byte, ...) against step."""
+    keys = [k for k, v in evals[-1].items() if k not in NOT_TASK_METRICS and isinstance(v, (int, float))]
+    names = []
+    for key in keys:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        _shade_phases(ax, rows)
+        pts = [(e["step"], e[key]) for e in evals if isinstance(e.get(key), (int, float))]
+        ax.plot(*zip(*pts), "o-", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=8, loc="best")
+        names.append(_save(fig, out / f"{key}_vs_step.png"))
+    return names
+
+
+LAYER_PANELS = (
+    ("k_mean", "experts per token (mean; band: +-std; dotted: max)"),
+    ("chunk_sparsity", "chunk sparsity (8 tokens)"),
+    ("load_cv", "load coefficient of variation"),
+    ("dead_experts", "experts with no token"),
+)
+
+
+def plot_layers(rows, out: Path) -> str | None:
+    """Per MoE layer over the steps: experts per token, chunk sparsity, load CV, experts without a token."""
+    rows = [r for r in rows if r.get("layers") and r["layers"].get("k_mean")]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    n_layers = max(len(r["layers"]["k_mean"]) for r in rows)
+    fig, axes = plt.subplots(len(LAYER_PANELS), 1, figsize=(7, 2.4 * len(LAYER_PANELS)), sharex=True)
+    for ax, (key, title) in zip(axes, LAYER_PANELS):
+        _shade_phases(ax, rows)
+        for layer in range(n_layers):
+            get = lambda k: [r["layers"][k][layer] if layer < len(r["layers"][k]) else np.nan for r in rows]  # noqa: B023, E731
+            (line,) = ax.plot(steps, get(key), lw=1.2, label=f"layer {layer}")
+            if key == "k_mean":
+                mean, std = np.array(get("k_mean")), np.array(get("k_std"))
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+                ax.plot(steps, get("k_max"), ":", color=line.get_color(), lw=1)
+        ax.set_ylabel(key, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper right", ncol=2)
+    axes[-1].set_xlabel("step")
+    return _save(fig, out / "routing_per_layer.png")
+
+
 def eval_table(evals: list[dict]) -> list[str]:
     """Markdown rows of eval.jsonl: step, phase and whatever metrics the task wrote (scalars only)."""
     skip = {"step", "phase", "flops", "tokens"}
@@ -131,9 +183,14 @@ def write_report(out: Path, summary: dict) -> Path:
         waste = plot_waste(rows, out)
         if waste:
             images.append(waste)
+        if evals:
+            images += plot_eval_metrics(rows, evals, out)
         heat = plot_expert_load(rows, out)
         if heat:
             images.append(heat)
+        per_layer = plot_layers(rows, out)
+        if per_layer:
+            images.append(per_layer)
         lines += [f"![{Path(n).stem}]({n})" for n in images]
         lines.append("")
     if evals:

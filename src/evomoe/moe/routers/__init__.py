@@ -4,4 +4,19 @@ Adding a router: a new module here with a ``Router`` subclass decorated ``@ROUTE
 its import below. The router contract tests (tests/moe/test_router_contract.py) then cover it.
 """
 
-from . import base_layers, dts, dts_plus, hash, soft, stablemoe, topk  # noqa: F401
+from . import (  # noqa: F401
+    act_dts,
+    base_layers,
+    blockffn,
+    comet,
+    dselect_k,
+    dts,
+    dts_plus,
+    hash,
+    remoe,
+    sigma,
+    soft,
+    stablemoe,
+    stat_topk,
+    topk,
+)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ...config import choice, finite_nonneg
 from ...config.errors import check
 from ...registry import ROUTERS
+from ..balance import BALANCE_KINDS, BalanceOptions, Balancer
 from ..losses import load_balance_loss
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask, pairs_from_topk
 from .gate import LinearGate, gumbel_like
@@ -28,11 +29,20 @@ class DTSOptions:
     combine: str = "clean"  # clean: softmax(z) masked; noisy: the tempered noisy weights y masked
     balance_weight: float = 0.0
     gumbel: bool = True
+    balance: str = "batch"  # batch: the reference l_aux; none | sequence | global: moe/balance.py on (w, sel)
+    bias_rate: float = 0.0  # aux-loss-free: a bias on the scores that select (combine = clean only); 0: off
 
     def validate(self, cfg, prefix: str) -> None:
         check(0.0 <= self.threshold < 1.0, f"{prefix}.threshold", self.threshold, "must be in [0, 1)")
         choice(f"{prefix}.combine", self.combine, ("clean", "noisy"))
-        finite_nonneg(prefix, self, ("balance_weight",))
+        choice(f"{prefix}.balance", self.balance, BALANCE_KINDS)
+        finite_nonneg(prefix, self, ("balance_weight", "bias_rate"))
+        check(
+            self.bias_rate == 0.0 or self.combine == "clean",
+            f"{prefix}.bias_rate",
+            self.bias_rate,
+            "needs combine = 'clean' (the noisy weights would carry the bias)",
+        )
 
 
 @ROUTERS.register("dts")
@@ -45,11 +55,24 @@ class DTSRouter(Router):
         super().__init__(spec)
         self.cfg = self.opts
         self.gate = LinearGate(spec.d_model, spec.num_experts, self.gate_init)
+        o = self.cfg
+        needed = o.bias_rate > 0 or o.balance != "batch"  # else the state dict of earlier releases
+        opts = BalanceOptions(o.balance, o.balance_weight, 0.0, o.bias_rate)
+        self.balancer = Balancer(spec.num_experts, opts) if needed else None
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight}
 
+    def on_step(self, step: int) -> None:
+        if self.balancer is not None:
+            self.balancer.on_step()
+
     def export_routing(self, hard: bool) -> tuple[int, bool]:
+        if self.cfg.bias_rate > 0:
+            raise ValueError(
+                f"router.dts.bias_rate = {self.cfg.bias_rate}: the aux-loss-free bias changes which "
+                "experts are chosen: a Hugging Face MoE router (softmax top-k of a linear gate) cannot"
+            )
         if not hard:
             raise ValueError(
                 "a DTS gate in its soft phase trains with a variable number of experts per token (every "
@@ -80,7 +103,10 @@ class DTSRouter(Router):
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         z_TE = self.gate(x_TD)
         p_TE = torch.softmax(z_TE, dim=-1)
-        sel_TE, y_TE = self.select(z_TE, ctx)
+        if self.balancer is not None and self.cfg.bias_rate > 0:
+            sel_TE, y_TE = self.select(self.balancer.selection_scores(z_TE.detach()), ctx)
+        else:
+            sel_TE, y_TE = self.select(z_TE, ctx)
         if ctx.valid_T is not None:
             sel_TE = sel_TE & ctx.valid_T.unsqueeze(1)
         trains = self.selects_as_in_training(ctx)
@@ -94,5 +120,8 @@ class DTSRouter(Router):
             fixed_k = 1
         else:
             token_P, expert_P, weight_P = pairs_from_mask(sel_TE, w_TE)
-        aux = {"balance": load_balance_loss(w_TE, sel_TE, ctx.valid_T)}
+        if self.balancer is None:
+            aux = {"balance": load_balance_loss(w_TE, sel_TE, ctx.valid_T)}
+        else:
+            aux = {"balance": self.balancer.losses(w_TE, sel_TE, None, ctx.valid_T, ctx.shape)["balance"]}
         return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), fixed_k=fixed_k)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ...config import check, choice, finite_nonneg
 from ...registry import ROUTERS
+from ..balance import BALANCE_KINDS, BalanceOptions, Balancer
 from ..losses import load_balance_loss, router_z_loss
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_topk
 from .gate import LinearGate, gumbel_like
@@ -54,8 +55,11 @@ class TopKOptions:
     renormalize: bool = True  # k >= 2: weights divided by their sum over the chosen experts
     aux_weight: float = 0.01
     z_loss_weight: float = 0.0
+    balance: str = "batch"  # none | batch | sequence | global (moe/balance.py; f from the first choice)
+    bias_rate: float = 0.0  # aux-loss-free selection bias step (DeepSeek-V3: 0.001); 0: off
 
     def validate(self, cfg, prefix: str) -> None:
+        choice(f"{prefix}.balance", self.balance, BALANCE_KINDS)
         E = cfg.moe.num_experts
         check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
         check(
@@ -65,7 +69,11 @@ class TopKOptions:
             "must be >= 0 (0: dropless)",
         )
         choice(f"{prefix}.second_policy", self.second_policy, ("all", "sampling", "random"))
-        finite_nonneg(prefix, self, ("aux_weight", "z_loss_weight"))
+        finite_nonneg(prefix, self, ("aux_weight", "z_loss_weight", "bias_rate"))
+
+
+def balance_options(o: TopKOptions) -> BalanceOptions:
+    return BalanceOptions(o.balance, o.aux_weight, o.z_loss_weight, o.bias_rate)
 
 
 @ROUTERS.register("topk")
@@ -76,11 +84,24 @@ class TopKRouter(Router):
         super().__init__(spec)
         self.cfg = self.opts
         self.gate = LinearGate(spec.d_model, spec.num_experts, self.gate_init)
+        o = self.cfg
+        # only when asked for: the plain Switch / GShard state dict stays that of earlier releases
+        needed = o.bias_rate > 0 or o.balance in ("sequence", "global", "none")
+        self.balancer = Balancer(spec.num_experts, balance_options(o)) if needed else None
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}
 
+    def on_step(self, step: int) -> None:
+        if self.balancer is not None:
+            self.balancer.on_step()
+
     def export_routing(self, hard: bool) -> tuple[int, bool]:  # noqa: ARG002
+        if self.cfg.bias_rate > 0:
+            raise ValueError(
+                f"router.topk.bias_rate = {self.cfg.bias_rate}: the aux-loss-free bias changes which "
+                "experts are chosen: a Hugging Face MoE router (softmax top-k of a linear gate) cannot"
+            )
         if self.cfg.capacity_factor > 0:
             raise ValueError(
                 f"router.topk.capacity_factor = {self.cfg.capacity_factor} drops tokens past capacity, also "
@@ -105,7 +126,11 @@ class TopKRouter(Router):
         z_TE = self.gate(x_TD)
         p_TE = torch.softmax(z_TE, dim=-1)
         T, E = p_TE.shape
-        expert_TK, keep_TK = self.choose(z_TE, p_TE)
+        if self.balancer is not None and self.cfg.bias_rate > 0:  # the bias moves the choice, not the weights
+            z_sel = self.balancer.selection_scores(z_TE.detach())
+            expert_TK, keep_TK = self.choose(z_sel, torch.softmax(z_sel, dim=-1))
+        else:
+            expert_TK, keep_TK = self.choose(z_TE, p_TE)
         weight_TK = p_TE.gather(1, expert_TK)
         if self.cfg.k > 1 and self.cfg.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-9)
@@ -124,10 +149,13 @@ class TopKRouter(Router):
         # every token keeps its k choices: no mask, no host sync, and the dispatcher's fixed-k fold
         token_P, expert_P, weight_P = pairs_from_topk(expert_TK, weight_TK, keep_TK)
         first_TE = F.one_hot(expert_TK[:, 0], E)
-        aux = {
-            "balance": load_balance_loss(p_TE, first_TE, ctx.valid_T),
-            "z": router_z_loss(z_TE, ctx.valid_T),
-        }
+        if self.balancer is None:
+            aux = {
+                "balance": load_balance_loss(p_TE, first_TE, ctx.valid_T),
+                "z": router_z_loss(z_TE, ctx.valid_T),
+            }
+        else:
+            aux = self.balancer.losses(p_TE, first_TE, z_TE, ctx.valid_T, ctx.shape)
         fixed_k = self.cfg.k if keep_TK is None else None
         return Routing(
             token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), dropped=dropped, fixed_k=fixed_k

@@ -1,0 +1,111 @@
+"""Greedy and beam search over step functions: cached greedy equals greedy by full re-decoding, a beam
+wide enough to keep every hypothesis equals exhaustive search, beam 1 equals greedy, and beam 4 never
+scores below greedy under the same length penalty."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomoe.models.decoding import beam_search, exhaustive_search, greedy_search, normalized
+from evomoe.models.encdec import EncoderDecoder
+from evomoe.moe.router import GateState
+
+from .seq_helpers import V, padded, spawn, tiny_cfg
+
+BOS, EOS = V - 2, V - 1
+GATE = GateState(tau=0.5, hard=True, step=50)
+
+
+def toy_model(spawned: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_cfg("dts", 4)
+    model = EncoderDecoder(cfg.model, cfg.moe)
+    if spawned:
+        spawn(model, cfg)
+    return model.eval()
+
+
+def source(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return padded(torch.randint(1, V - 2, (3, 7), generator=g), [7, 4, 2])
+
+
+def full_redecode_step(model, src, src_valid):
+    """Slow reference step: re-run the whole model on the prefix, no cache."""
+
+    def step(tokens, state):
+        prefix = tokens[:, None] if state is None else torch.cat([state, tokens[:, None]], 1)
+        out = model(src, prefix, src_valid, gate=GATE)
+        return torch.log_softmax(out.logits[:, -1].float(), -1), prefix
+
+    return step
+
+
+@torch.no_grad()
+def test_cached_greedy_equals_full_redecoding():
+    model = toy_model()
+    src, valid = source()
+    state = model.start_decoding(src, valid, GATE)
+    fast = greedy_search(model.decode_step, state, 3, BOS, EOS, max_len=10)
+    slow = greedy_search(full_redecode_step(model, src, valid), None, 3, BOS, EOS, max_len=10)
+    assert fast == slow and all(len(s) <= 10 for s in fast)
+
+
+def seq_score(step, state, seq, alpha, ended, bos=BOS, eos=EOS):
+    """Length-normalized score of one hypothesis under the step function."""
+    total, tokens = 0.0, [bos] + seq + ([eos] if ended else [])
+    for prev, nxt in zip(tokens[:-1], tokens[1:]):
+        logp, state = step(torch.tensor([prev]), state)
+        total += float(logp[0, nxt])
+    return normalized(total, len(tokens) - 1, alpha)
+
+
+class ToyLM:
+    """A fixed random bigram model over a tiny vocabulary (3 words + </s>): exhaustive search is cheap."""
+
+    def __init__(self, vocab=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.log_softmax(torch.randn(vocab + 1, vocab, generator=g) * 2, -1)
+        self.vocab, self.bos, self.eos = vocab, vocab, vocab - 1
+
+    def step(self, tokens, state):
+        return self.table[tokens], state
+
+    @staticmethod
+    def reorder(state, index):
+        return state
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_wide_beam_equals_exhaustive(seed, alpha):
+    lm = ToyLM(seed=seed)
+    max_len = 4
+    best_score, best = exhaustive_search(lm.step, lambda: None, lm.vocab, lm.bos, lm.eos, max_len, alpha)
+    wide = beam_search(lm.step, lm.reorder, None, 1, lm.bos, lm.eos, max_len, beam=64, alpha=alpha)[0]
+    assert wide == best
+    narrow = beam_search(lm.step, lm.reorder, None, 1, lm.bos, lm.eos, max_len, beam=4, alpha=alpha)[0]
+    ended = lambda s: len(s) < max_len  # noqa: E731
+    assert seq_score(lm.step, None, narrow, alpha, ended(narrow), lm.bos, lm.eos) <= best_score + 1e-6
+
+
+@torch.no_grad()
+def test_beam_one_equals_greedy_and_beam_four_scores_at_least_greedy():
+    model = toy_model()
+    src, valid = source(1)
+    greedy = greedy_search(model.decode_step, model.start_decoding(src, valid, GATE), 3, BOS, EOS, 8)
+    one = beam_search(
+        model.decode_step, model.reorder_state, model.start_decoding(src, valid, GATE, repeat=1), 3, BOS, EOS,
+        8, beam=1, alpha=0.0,
+    )  # fmt: skip
+    assert one == greedy
+    four = beam_search(
+        model.decode_step, model.reorder_state, model.start_decoding(src, valid, GATE, repeat=4), 3, BOS, EOS,
+        8, beam=4, alpha=1.0,
+    )  # fmt: skip
+    for b in range(3):
+        step = full_redecode_step(model, src[b : b + 1], valid[b : b + 1])
+        g_score = seq_score(step, None, greedy[b], 1.0, len(greedy[b]) < 8)
+        f_score = seq_score(step, None, four[b], 1.0, len(four[b]) < 8)
+        assert f_score >= g_score - 1e-5 or len(four[b]) == 8
