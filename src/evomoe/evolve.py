@@ -4,7 +4,7 @@ Legend: E experts, D width, F hidden width, H = F (2F for swiglu: gate and up ha
 Spawn modes (spec section 2): ``copy`` (+ relative Gaussian noise), ``mask`` (a fresh random fraction of
 hidden neurons zeroed per expert), ``reinit`` (those neurons re-drawn from the init distribution).
 
-Symmetry breaking that keeps the function (issue 13): after a ``copy`` spawn every expert is the same, so
+Symmetry breaking that keeps the function: after a ``copy`` spawn every expert is the same, so
 with a uniform gate the soft phase computes E identical experts and nothing tells them apart. Two spawns
 make the experts differ while the layer's output with equal combine weights 1/E (a zero gate, every
 expert selected: the start of the DTS soft phase) stays the dense FFN's exactly:

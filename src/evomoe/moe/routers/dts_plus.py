@@ -1,4 +1,4 @@
-"""DTS with two levers against the waste of its soft phase (issue 13): a cap on experts per token and a
+"""DTS with two levers against the waste of its soft phase: a cap on experts per token and a
 non-zero gate start. The paper's gate stays ``dts``; this one is ``dts_plus``.
 
 - ``cap_start`` > 0: during the soft phase a token keeps at most k(progress) experts, the top-k of the
