@@ -61,6 +61,12 @@ class MoEModel(nn.Module):
 
     kind: str = ""
 
+    def __init__(self, cfg, moe) -> None:
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg, self.moe_cfg = cfg, moe
+
     def moe_layers(self) -> list[MoELayer]:
         raise NotImplementedError
 

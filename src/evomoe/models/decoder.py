@@ -23,10 +23,7 @@ class Decoder(MoEModel):
     kind = "decoder"
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
-        super().__init__()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
-        self.cfg, self.moe_cfg = cfg, moe
+        super().__init__(cfg, moe)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # llama style: rotary positions inside attention, no table
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.style == "gpt2" else None
