@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from short_run import short_overrides
+from short_run import run_trainer, short_overrides
 
 from evomoe.compare import equal_budgets, value_at
 from evomoe.config import ConfigError, load_config
@@ -38,21 +38,7 @@ def budget_cfg(**over):
 
 
 def train(cfg, out: Path, env, stop_after: int | None = None, resume: bool = False) -> Trainer:
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, out, env=env, log=lambda s: None, progress=False)
-    if resume:
-        trainer.restore(sorted((out / "checkpoints").glob("step_*"))[-1])
-    if stop_after is not None:  # what the SIGTERM handler does, at a chosen step
-        original = trainer.train_step
-
-        def step_then_stop(step, interval):
-            original(step, interval)
-            if step + 1 == stop_after:
-                trainer.stop_requested = "SIGTERM"
-
-        trainer.train_step = step_then_stop
-    trainer.run()
-    return trainer
+    return run_trainer(cfg, out, env, stop_after, resume)
 
 
 def test_budget_run_stops_at_the_budget_and_resumes_bitwise(tmp_path, evomoe_cache):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from short_run import short_overrides
+from short_run import run_trainer, short_overrides
 
 from evomoe.config import load_config
 from evomoe.train.metrics import IntervalStats, read_jsonl
@@ -177,20 +177,7 @@ def short_cfg(**over):
 
 
 def run_rows(cfg, out: Path, env, stop_after: int | None = None, resume: bool = False) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, out, env=env, log=lambda s: None, progress=False)
-    if resume:
-        trainer.restore(sorted((out / "checkpoints").glob("step_*"))[-1])
-    if stop_after is not None:  # what the SIGTERM handler does, at a chosen step
-        original = trainer.train_step
-
-        def step_then_stop(step, interval):
-            original(step, interval)
-            if step + 1 == stop_after:
-                trainer.stop_requested = "SIGTERM"
-
-        trainer.train_step = step_then_stop
-    trainer.run()
+    run_trainer(cfg, out, env, stop_after, resume)
     return read_jsonl(out / "metrics.jsonl")
 
 

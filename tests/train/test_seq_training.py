@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from short_run import run_trainer
 from test_resume import exact_view
 
 from evomoe.config import ConfigError, load_config
@@ -41,21 +42,7 @@ def cfg_for(preset: str, tmp: Path, *extra: str):
 
 
 def run(preset: str, out: Path, cache: Path, stop_after: int | None = None, resume: bool = False) -> Trainer:
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg_for(preset, cache), out, env={}, log=lambda s: None, progress=False)
-    if resume:
-        trainer.restore(sorted((out / "checkpoints").glob("step_*"))[-1])
-    if stop_after is not None:  # what the SIGTERM handler does, at a chosen step
-        original = trainer.train_step
-
-        def step_then_stop(step, interval):
-            original(step, interval)
-            if step + 1 == stop_after:
-                trainer.stop_requested = "SIGTERM"
-
-        trainer.train_step = step_then_stop
-    trainer.run()
-    return trainer
+    return run_trainer(cfg_for(preset, cache), out, {}, stop_after, resume)
 
 
 @pytest.fixture(scope="module")
