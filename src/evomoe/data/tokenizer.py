@@ -120,7 +120,25 @@ def encode_chunked(tok: hf.Tokenizer, text: str, dtype: type = np.int64) -> np.n
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-class BPETokenizer:
+class _WrappedTokenizer:
+    """What the tokenizers built on a ``tokenizers.Tokenizer`` (``self._tok``) share."""
+
+    _tok: hf.Tokenizer
+    _token_bytes: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return self._token_bytes
+
+    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
+        return encode_chunked(self._tok, text, dtype)
+
+
+class BPETokenizer(_WrappedTokenizer):
     """A byte-level BPE (``tokenizers`` library) with no special tokens and no added prefix space."""
 
     kind = "bpe"
@@ -154,17 +172,6 @@ class BPETokenizer:
                 raise ValueError(f"token id {i} ({piece!r}) is not a byte-level token")
             out[i] = len(piece)  # one char of the byte-level alphabet per byte
         return out
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._tok.get_vocab_size(with_added_tokens=True))
-
-    @property
-    def token_bytes(self) -> np.ndarray:
-        return self._token_bytes
-
-    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
-        return encode_chunked(self._tok, text, dtype)
 
     def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
         """Each line's ids, in one batched call (short texts: sentences of a parallel corpus)."""
@@ -236,7 +243,7 @@ class SpecialTokens:
         return path
 
 
-class PretrainedTokenizer:
+class PretrainedTokenizer(_WrappedTokenizer):
     """A model's own tokenizer (a ``tokenizer.json`` of the ``tokenizers`` library: byte-level BPE as in
     GPT-2/Qwen2, or SentencePiece-style with byte fallback as in Llama). Text is encoded without special
     tokens. ``token_bytes`` counts the UTF-8 bytes each id stands for (special tokens: 0)."""
@@ -254,17 +261,6 @@ class PretrainedTokenizer:
             return cls(hf.Tokenizer.from_file(str(path)), str(path))
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise ValueError(f"cannot load tokenizer '{path}': {str(e).splitlines()[0][:200]}") from None
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._tok.get_vocab_size(with_added_tokens=True))
-
-    @property
-    def token_bytes(self) -> np.ndarray:
-        return self._token_bytes
-
-    def encode(self, text: str, dtype: type = np.int64) -> np.ndarray:
-        return encode_chunked(self._tok, text, dtype)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
