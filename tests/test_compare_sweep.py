@@ -12,6 +12,7 @@ import pytest
 
 from evomoe.compare import aggregate, run_stats
 from evomoe.train.metrics import read_jsonl
+from evomoe.verdict import check_lines, target_check
 
 
 def write_run(
@@ -119,3 +120,39 @@ def test_sweep_trains_every_variant_tabulates_them_and_reuses_finished_runs(cli,
     rc, stdout, err = cli(*args)  # again: nothing trains, the same table
     assert rc == 0 and err.count("reusing finished run") == 2, err
     assert json.loads((out / "sweep.json").read_text())["variants"] == doc["variants"]
+
+
+def test_target_check_reads_speed_ratios_and_the_seed_noise_margin():
+    """Hand-made tables: the ratios are to the reference's own final steps/FLOPs; 'beyond' needs the
+    difference to exceed two of the larger seed standard deviation; one seed gives no verdict."""
+    methods = {
+        "cand": {"seeds": [0, 1, 2], "steps_to_target": 800.0, "flops_to_target": 1.2e13},
+        "switch": {"seeds": [0, 1, 2], "steps_to_target": 2000.0, "flops_to_target": 2.0e13},
+        "dense": {"seeds": [0, 1], "steps_to_target": None, "flops_to_target": None},
+        "hash": {"seeds": [0], "steps_to_target": None, "flops_to_target": None},
+    }
+    summary = {"target_method": "switch", "target_val_loss": 4.1, "methods": methods}
+    at = {"cand": (4.0, 0.01), "switch": (4.1, 0.02), "dense": (4.03, 0.02), "hash": (3.9, 0.0)}
+    budgets = {
+        "flops": 2.0e13,
+        "methods": {
+            m: {"loss_at_flops": v, "final_steps": 2000.0, "final_flops": 2.4e13} for m, v in at.items()
+        },
+    }
+    check = target_check(summary, budgets, "cand")
+    assert check["steps_ratio"] == pytest.approx(0.4) and check["flops_ratio"] == pytest.approx(0.5)
+    sw, dense, hsh = (check["versus"][m] for m in ("switch", "dense", "hash"))
+    assert sw["diff"] == pytest.approx(-0.1) and sw["margin"] == pytest.approx(0.04) and sw["beyond"]
+    assert dense["diff"] == pytest.approx(-0.03) and dense["beyond"] is False  # inside 2 x 0.02
+    assert hsh["beyond"] is None and hsh["margin"] is None  # one seed: no spread to judge by
+    assert check["below_all_beyond_noise"] is False
+    text = "\n".join(check_lines(check))
+    assert "**0.40x** switch's steps" in text and "| hash | +0.1000 | n/a (one seed) | n/a |" in text
+
+    del methods["hash"], budgets["methods"]["hash"]
+    budgets["methods"]["dense"]["loss_at_flops"] = (4.05, 0.02)
+    assert target_check(summary, budgets, "cand")["below_all_beyond_noise"] is True
+    methods["cand"]["steps_to_target"] = None  # never reached: no ratios
+    check = target_check(summary, budgets, "cand")
+    assert check["steps_ratio"] is None and "does not reach" in "\n".join(check_lines(check))
+    assert target_check(summary, budgets, "absent") is None

@@ -89,6 +89,7 @@ LEVELS = {
     "parallel": 6,
     "train": 7,
     "compare": 8,
+    "verdict": 1,
     "sweep": 9,
     "cli": 10,
     "__main__": 11,

@@ -33,6 +33,7 @@ from .config import (
 )
 from .errors import CLIError
 from .train.metrics import read_jsonl
+from .verdict import check_lines, target_check
 
 METHOD_DIR = Path(__file__).resolve().parent / "methods"
 DEFAULT_METHODS = "dts,switch,gshard,base,hash,stablemoe,soft,dense"
@@ -247,7 +248,9 @@ def _fmt(x, spec: str) -> str:
     return "not reached" if x is None else format(x, spec)
 
 
-def write_markdown(summary: dict, out: Path, command: str, budgets: dict | None = None) -> Path:
+def write_markdown(
+    summary: dict, out: Path, command: str, budgets: dict | None = None, check: dict | None = None
+) -> Path:
     t = summary["target_val_loss"]
     lines = [
         "# evomoe compare",
@@ -275,6 +278,7 @@ def write_markdown(summary: dict, out: Path, command: str, budgets: dict | None 
             + cells
         )
     lines += budget_lines(budgets) if budgets else []
+    lines += check_lines(check)
     lines += [
         "",
         "![validation loss vs step](val_loss_vs_step.png)",
@@ -325,6 +329,8 @@ def cmd_compare(args, extra: list[str]) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         method_config(base, m, base.train.seed)  # every method checked before the first run starts
+    if args.candidate is not None and args.candidate not in [method_label(m) for m in methods]:
+        raise ConfigError(f"--candidate = '{args.candidate}': not one of --methods ({args.methods})")
     if args.seeds < 1:
         raise ConfigError(f"--seeds = {args.seeds}: must be >= 1")
     out = Path(args.out)
@@ -345,10 +351,11 @@ def cmd_compare(args, extra: list[str]) -> int:
     summary = aggregate(runs)
     budgets = equal_budgets(runs, base.train.max_flops)
     command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
-    record = {"command": command, **summary, "budgets": budgets}
+    check = target_check(summary, budgets, method_label(args.candidate or methods[0]))
+    record = {"command": command, **summary, "budgets": budgets, "target_check": check}
     (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
     plot_curves(runs, out, budgets)
-    md = write_markdown(summary, out, command, budgets)
+    md = write_markdown(summary, out, command, budgets, check)
     print(md.read_text())
     print(f"written: {md} and {out / 'compare.json'}")
     return 0
@@ -364,6 +371,11 @@ def add_compare_parser(sub) -> None:
         default=DEFAULT_METHODS,
         help=f"comma-separated method names (evomoe/methods/*.toml) or paths to your own method .toml files "
         f"(default: {DEFAULT_METHODS})",
+    )
+    c.add_argument(
+        "--candidate",
+        default=None,
+        help="the method the target check judges against Switch and every other method (default: the first)",
     )
     c.add_argument("--seeds", type=int, default=1, help="seeds per method (train.seed, train.seed+1, ...)")
     c.add_argument("--out", required=True, help="directory for the runs, compare.md and compare.json")

@@ -168,7 +168,13 @@ def test_compare_flops_gives_every_method_the_budget(cli, tmp_path):
         assert 2.5e9 <= res["train_flops"] < 2.5e9 * 1.5 and res["steps"] < 40
         assert math.isfinite(budgets["methods"][m]["loss_at_flops"][0])
     assert budgets["methods"]["dense"]["final_steps"] > budgets["methods"]["dts"]["final_steps"]
-    assert "Equal budgets" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "Equal budgets" in md and "## Target check: dts" in md and "| dense |" in md
+    check = summary["target_check"]  # no switch run: no target, still the equal-FLOPs comparison
+    assert check["steps_ratio"] is None and set(check["versus"]) == {"dense"}
+    assert check["versus"]["dense"]["beyond"] is None  # one seed
+    rc, _, err = cli(*args, "--candidate", "switch")
+    assert rc == 2 and "--candidate = 'switch'" in err
 
 
 def test_fused_adamw_matches_foreach():
