@@ -203,3 +203,21 @@ def test_normalized_weights_still_train_the_gate():
     torch.testing.assert_close(routing.weight_P, torch.ones(32))  # top-1: weight 1 in value
     (routing.weight_P * torch.randn(32)).sum().backward()
     assert r.gate.weight.grad.abs().sum() > 0
+
+
+def test_hard_phase_without_noise_trains_on_the_evaluated_expert():
+    """hard_noise = false: the training selection after the hard switch is argmax(z), the evaluation's; the
+    paper's hard phase samples from softmax(z) (a flat gate: most tokens off their argmax)."""
+    x = torch.randn(512, D_MODEL)
+    hard = GateState(tau=0.3, hard=True)
+    for hard_noise in (False, True):
+        r = dts_plus(2, normalize=True, hard_noise=hard_noise)
+        with torch.no_grad():
+            r.gate.weight.mul_(0.1)  # a near-flat gate
+        trained = r(x, RouterContext(gate=hard))
+        evaluated = r.eval()(x, RouterContext(gate=hard))
+        same = (trained.expert_idx_P == evaluated.expert_idx_P).float().mean()
+        assert (same == 1.0) if not hard_noise else (same < 0.5), (hard_noise, same)
+        assert torch.equal(trained.token_idx_P, torch.arange(512))
+    soft = dts_plus(2, hard_noise=False)(x, RouterContext(gate=GateState(tau=2.0)))  # soft phase: unchanged
+    assert torch.bincount(soft.token_idx_P, minlength=512).max() == 2

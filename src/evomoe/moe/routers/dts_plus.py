@@ -13,6 +13,10 @@ non-zero gate start. The paper's gate stays ``dts``; this one is ``dts_plus``.
   without gradient: the output keeps its scale whatever the selection (copies keep the function under
   any cap, and the deterministic top-1 evaluation of freshly spawned copies is the dense FFN, weight 1),
   while the gate still gets the gradient of log p for each selected expert.
+- ``hard_noise`` = false: after the hard switch training selects argmax(z), the expert evaluation uses,
+  instead of argmax(z + Gumbel), which samples an expert from softmax(z) whatever the temperature (the
+  argmax ignores it): with a flat gate the paper's hard phase trains on near-random experts while the
+  evaluation routes by argmax.
 Legend: T tokens, E experts, K the cap.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...config.errors import check
@@ -34,6 +39,7 @@ class DTSPlusOptions(DTSOptions):
     cap_start: int = 0  # experts per token allowed at the spawn, falling to 1; 0: no cap (the paper's DTS)
     gate_std: float = 0.0  # > 0: the gate starts N(0, gate_std); 0: router.gate_init
     normalize: bool = False  # weights / their detached sum over the selected experts (see the module doc)
+    hard_noise: bool = True  # false: the hard phase trains on argmax(z), as evaluated (see the module doc)
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
@@ -82,6 +88,8 @@ class DTSPlusRouter(DTSRouter):
         return w_TE / w_TE.detach().sum(-1, keepdim=True).clamp_min(1e-20)
 
     def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if ctx.gate.hard and not self.cfg.hard_noise:
+            return F.one_hot(z_TE.argmax(-1), self.num_experts).bool(), torch.softmax(z_TE, -1)
         sel_TE, y_TE = super().select(z_TE, ctx)
         if self.cfg.cap_start and self.selects_as_in_training(ctx) and not ctx.gate.hard:
             k = cap_at(self.cfg.cap_start, ctx.gate.progress)
