@@ -343,11 +343,16 @@ def cmd_compare(args, extra: list[str]) -> int:
             seed = base.train.seed + i
             cfg = method_config(base, method, seed)
             run_dir = out / "runs" / f"{method_label(method)}-s{seed}"
+            if args.tabulate_only and not (run_dir / "results.json").is_file():
+                log(f"== {method} seed {seed}: no finished run in {run_dir}, left out (--tabulate-only)")
+                continue
             log(f"== {method} seed {seed} -> {run_dir}")
             summary = run_one(cfg, run_dir, log)
             summary["stats"] = run_stats(run_dir)
             summary["seed"] = seed
             runs.setdefault(method_label(method), []).append(summary)
+    if not runs:
+        raise CLIError(f"--tabulate-only: no finished run of {args.methods} in '{out}'")
     summary = aggregate(runs)
     budgets = equal_budgets(runs, base.train.max_flops)
     command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
@@ -376,6 +381,11 @@ def add_compare_parser(sub) -> None:
         "--candidate",
         default=None,
         help="the method the target check judges against Switch and every other method (default: the first)",
+    )
+    c.add_argument(
+        "--tabulate-only",
+        action="store_true",
+        help="train nothing: write the tables from the finished runs in --out (a comparison still growing)",
     )
     c.add_argument("--seeds", type=int, default=1, help="seeds per method (train.seed, train.seed+1, ...)")
     c.add_argument("--out", required=True, help="directory for the runs, compare.md and compare.json")

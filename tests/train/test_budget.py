@@ -175,6 +175,15 @@ def test_compare_flops_gives_every_method_the_budget(cli, tmp_path):
     assert check["versus"]["dense"]["beyond"] is None  # one seed
     rc, _, err = cli(*args, "--candidate", "switch")
     assert rc == 2 and "--candidate = 'switch'" in err
+    # --tabulate-only trains nothing: the finished runs are tabulated, a method without one is left out
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    rc, _, err = cli(*args[:3], "dts,dense,hash", *args[4:], "--tabulate-only")
+    assert rc == 0 and "hash seed 0: no finished run" in err, err[-2000:]
+    assert not (out / "runs" / "hash-s0").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    assert set(json.loads((out / "compare.json").read_text())["methods"]) == {"dts", "dense"}
+    rc, _, err = cli(*args[:3], "hash", *args[4:], "--tabulate-only")
+    assert rc == 2 and "no finished run of hash" in err
 
 
 def test_fused_adamw_matches_foreach():
