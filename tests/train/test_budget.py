@@ -218,3 +218,41 @@ def test_eval_router_train_writes_both_evaluations(tmp_path, evomoe_cache):
     assert evals[1]["val_loss"] != evals[1]["val_loss_top1"] and evals[1]["experts_per_token"] > 1
     again = trainer.evaluate()  # the training selection is drawn from a fixed seed: repeatable
     assert again["val_loss"] == evals[1]["val_loss"] and again["val_loss_top1"] == evals[1]["val_loss_top1"]
+
+
+def test_expert_lr_scale_applies_to_the_spawned_routed_experts_only():
+    """train.expert_lr_scale: the routed experts of spawned layers step at the scaled rate (a first Adam
+    step moves every parameter by about its group's lr), everything else at train.lr; before the spawn
+    the dense FFN is not scaled; after the spawn the rebuilt optimizer keeps the scale."""
+    from evomoe.evolve import spawn_model
+    from evomoe.models import GPT
+    from evomoe.moe.router import GateState
+    from evomoe.tasks.lm import lm_forward
+    from evomoe.train.optim import build_optimizer, rebuild_after_spawn, set_lr
+
+    over = ["--model.vocab_size=50", "--train.expert_lr_scale=0.25", "--train.weight_decay=0"]
+    cfg = load_config("tiny", over)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.moe)
+    opt = build_optimizer(model, cfg.train)
+    assert all("lr_scale" not in g for g in opt.param_groups)  # diversify: one dense FFN, unscaled
+    mapping = spawn_model(model, cfg, torch.Generator().manual_seed(0))
+    opt = rebuild_after_spawn(opt, model, cfg.train, mapping, "fresh")
+    set_lr(opt, 1e-3)
+    experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    for g in opt.param_groups:
+        in_experts = {id(p) in experts for p in g["params"]}
+        assert len(in_experts) == 1  # a group holds experts only or none
+        assert g["lr"] == pytest.approx(2.5e-4 if in_experts == {True} else 1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    lm_forward(model, idx, idx, gate=GateState(tau=2.0)).loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = (p.detach() - before[n]).abs().max().item()
+        if p.grad is not None and p.grad.abs().max() > 1e-6:
+            want = 2.5e-4 if id(p) in experts else 1e-3
+            assert moved == pytest.approx(want, rel=0.05), n
+    with pytest.raises(ConfigError, match="train.expert_lr_scale = 0"):
+        load_config("tiny", ["--train.expert_lr_scale=0"])

@@ -129,6 +129,7 @@ class TrainConfig:
     compile: bool = False
     tensorboard: bool = False  # also write the metrics as TensorBoard events under RUN/tensorboard
     optimizer_impl: str = "foreach"  # foreach | fused (AdamW(fused=True): one kernel per step)
+    expert_lr_scale: float = 1.0  # the routed experts' learning rate / train.lr (once spawned)
 
 
 @dataclass

@@ -151,6 +151,8 @@ def _train(cfg: Any) -> None:
     budget_ok = 0.0 <= t.max_flops < math.inf
     check(budget_ok, "train.max_flops", t.max_flops, "must be finite and >= 0 (0: no budget)")
     choice("train.optimizer_impl", t.optimizer_impl, s.OPTIMIZER_IMPLS)
+    ok = 0.0 < t.expert_lr_scale < math.inf
+    check(ok, "train.expert_lr_scale", t.expert_lr_scale, "must be finite and > 0")
 
 
 def _eval(cfg: Any) -> None:

@@ -9,7 +9,8 @@ Versions:
    removed before versions were recorded.
 2. plug-in layout: ``schema``, ``task.name`` and ``model.name`` added (their defaults reproduce version 1).
    Fields added later within version 2, each with a default that reproduces the behaviour before it, so
-   they need no migration: ``train.max_flops``, ``train.optimizer_impl``, ``gate.clock``,
+   they need no migration: ``train.max_flops``, ``train.optimizer_impl``, ``train.expert_lr_scale``,
+   ``gate.clock``,
    ``gate.decay_until``, ``gate.hard_at``, ``evolve.zero_sum_noise``, the ``[eval]`` section
    (``eval.router``), the ``split`` spawn mode and the ``[router.dts_plus]`` table.
 """

@@ -2,6 +2,8 @@
 
 A router may ask for its own peak learning rate (``param_lr()`` > 0, e.g. BlockFFN's ``router_lr``): its
 parameters then form a group whose ``lr_scale`` = router lr / ``train.lr`` follows the model's schedule.
+``train.expert_lr_scale`` != 1 puts the routed experts of the spawned MoE layers in groups of their own with
+that ``lr_scale``: each expert learns from about k/E of the batch, a smaller batch than the dense layers'.
 """
 
 from __future__ import annotations
@@ -24,20 +26,43 @@ def router_lr_groups(model: nn.Module, base_lr: float, seen: set) -> list[dict]:
     return groups
 
 
-def param_groups(model: nn.Module, weight_decay: float, base_lr: float = 1.0) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
+def routed_expert_params(model: nn.Module) -> set[int]:
+    """ids of the routed experts' parameters of every spawned MoE layer."""
+    return {
+        id(p)
+        for m in model.modules()
+        if getattr(m, "spawned", False) and isinstance(getattr(m, "experts", None), nn.Module)
+        for p in m.experts.parameters()
+    }
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, base_lr: float = 1.0, expert_lr_scale: float = 1.0
+) -> list[dict]:
+    decay, no_decay, e_decay, e_no_decay, seen = [], [], [], [], set()
     routers = router_lr_groups(model, base_lr, seen)
+    experts = routed_expert_params(model) if expert_lr_scale != 1.0 else set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         is_router = ".router." in f".{name}"
         is_bias = name.endswith(("bias", "b1_EH", "b2_ED"))  # experts' biases are [E, N]: rank 2
-        (decay if p.dim() >= 2 and not is_router and not is_bias else no_decay).append(p)
+        decays = p.dim() >= 2 and not is_router and not is_bias
+        if id(p) in experts:
+            (e_decay if decays else e_no_decay).append(p)
+        else:
+            (decay if decays else no_decay).append(p)
+    scaled = [
+        {"params": ps, "weight_decay": wd, "lr_scale": expert_lr_scale}
+        for ps, wd in ((e_decay, weight_decay), (e_no_decay, 0.0))
+        if ps
+    ]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
         *routers,
+        *scaled,
     ]
 
 
@@ -47,7 +72,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     impl = getattr(cfg, "optimizer_impl", "foreach")
     kind = {"fused": True} if impl == "fused" else {"foreach": True}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.lr),
+        param_groups(model, cfg.weight_decay, cfg.lr, getattr(cfg, "expert_lr_scale", 1.0)),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=1e-8,
