@@ -8,7 +8,8 @@ baseline's final validation loss. Beside them, the budget table compares every m
 equal FLOPs executed (each run's validation curve read at the largest step count and the largest FLOPs
 every run reached, linearly between evaluations). ``--flops X`` gives every method the same training
 FLOPs budget (``train.max_flops``; ``train.steps`` stays a cap, which must be high enough for the cheapest
-method: a run the cap stopped short of its budget is marked).
+method: a run the cap stopped short of its budget is marked). A target check of one method (``--candidate``)
+ends ``compare.md`` (``verdict.py``); ``--tabulate-only`` writes the tables from the finished runs alone.
 """
 
 from __future__ import annotations
