@@ -22,18 +22,17 @@ from torch import nn
 from ...config import check, finite_nonneg
 from ...ops.smooth_step import num_bits, smooth_step, tree_reach_probs
 from ...registry import ROUTERS
-from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
+from ..balance import Balancer, balance_weights
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
+from .dselect_k import SmoothStepOptions
 from .permutation import LearnedPermutation
 
 
 @dataclass
-class CometOptions(BalanceOptions):
-    k: int = 2
-    gamma: float = 0.1  # COMET-BERT (the LM port); the recommender runs tuned 5-10
-    entropy_weight: float = 0.1  # COMET-BERT's weight on the tree entropy (its "load balance" slot)
+class CometOptions(SmoothStepOptions):
+    # gamma 0.1 and entropy_weight 0.1 (the tree entropy, COMET-BERT's "load balance" slot) are COMET-BERT's
+    # LM port's; the recommender runs tune gamma 5-10
     min_reach: float = 1e-5  # the PyTorch port's cut; the TF code uses P > 0
-    balance_weight: float = 0.0
     perm_steps: int = 100  # steps (after the spawn) the permutation learns; 0: identity, no permutation
     per_tree_permutation: bool = False  # learn_k_permutations
     perm_entropy_weight: float = 1e-4  # zeta
@@ -43,19 +42,13 @@ class CometOptions(BalanceOptions):
     iters_end: int = 150
     perm_noise: float = 0.0
 
-    supports_bias = False
-    supports_z = False
-
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
-        E = experts_if_selected(cfg, prefix)
-        check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
-        check(self.gamma > 0, f"{prefix}.gamma", self.gamma, "must be > 0")
         check(0.0 <= self.min_reach < 1.0, f"{prefix}.min_reach", self.min_reach, "must be in [0, 1)")
         check(self.perm_steps >= 0, f"{prefix}.perm_steps", self.perm_steps, "must be >= 0")
         for name in ("iters_start", "iters_end"):
             check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
-        finite_nonneg(prefix, self, ("entropy_weight", "perm_entropy_weight", "perm_noise"))
+        finite_nonneg(prefix, self, ("perm_entropy_weight", "perm_noise"))
 
 
 @ROUTERS.register("comet")

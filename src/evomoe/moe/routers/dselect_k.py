@@ -26,11 +26,12 @@ from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
 
 
 @dataclass
-class DSelectKOptions(BalanceOptions):
+class SmoothStepOptions(BalanceOptions):
+    """What DSelect-k and COMET share: k selectors (trees) of smooth-step gates, an entropy push to binary."""
+
     k: int = 2
     gamma: float = 0.1  # smooth-step width; DSelect-k's Keras default is 1.0, COMET-BERT's LM runs 0.1
     entropy_weight: float = 0.1  # DSelect-k's default 1e-6 is for recommenders; COMET-BERT's LM 0.1
-    reach_weight: float = 1.0  # non-power-of-2 E only
     balance_weight: float = 0.0
 
     supports_bias = False
@@ -41,7 +42,16 @@ class DSelectKOptions(BalanceOptions):
         E = experts_if_selected(cfg, prefix)
         check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
         check(self.gamma > 0, f"{prefix}.gamma", self.gamma, "must be > 0")
-        finite_nonneg(prefix, self, ("entropy_weight", "reach_weight"))
+        finite_nonneg(prefix, self, ("entropy_weight",))
+
+
+@dataclass
+class DSelectKOptions(SmoothStepOptions):
+    reach_weight: float = 1.0  # non-power-of-2 E only
+
+    def validate(self, cfg, prefix: str) -> None:
+        super().validate(cfg, prefix)
+        finite_nonneg(prefix, self, ("reach_weight",))
 
 
 def selector_entropy(r_TKC: torch.Tensor) -> torch.Tensor:
