@@ -12,7 +12,7 @@ import pytest
 
 from evomoe.compare import aggregate, run_stats
 from evomoe.train.metrics import read_jsonl
-from evomoe.verdict import check_lines, target_check
+from evomoe.verdict import check_lines, crossing, target_check
 
 
 def write_run(
@@ -156,3 +156,31 @@ def test_target_check_reads_speed_ratios_and_the_seed_noise_margin():
     check = target_check(summary, budgets, "cand")
     assert check["steps_ratio"] is None and "does not reach" in "\n".join(check_lines(check))
     assert target_check(summary, budgets, "absent") is None
+
+
+def test_target_check_interpolates_the_crossing_between_evaluations():
+    """The second reading: the step/FLOPs where the curve crosses the target, linearly between the last
+    evaluation above it and the first at or below it, as ratios of the reference's final steps/FLOPs."""
+    ev = lambda *pts: [{"step": s, "flops": 10.0 * s, "val_loss": v} for s, v in pts]  # noqa: E731
+    assert crossing(ev((100, 5.0), (200, 4.0), (300, 3.0)), 4.5) == pytest.approx((150.0, 1500.0))
+    assert crossing(ev((100, 5.0), (200, 4.0)), 4.0) == pytest.approx((200.0, 2000.0))  # exactly at one
+    assert crossing(ev((100, 3.0), (200, 2.0)), 4.0) == pytest.approx((100.0, 1000.0))  # below from the start
+    assert crossing(ev((100, 5.0), (200, 4.5)), 4.0) is None
+    methods = {
+        "cand": {"seeds": [0, 1], "steps_to_target": 200.0, "flops_to_target": 2000.0},
+        "switch": {"seeds": [0, 1], "steps_to_target": 400.0, "flops_to_target": 4000.0},
+    }
+    summary = {"target_method": "switch", "target_val_loss": 4.5, "methods": methods}
+    row = {"loss_at_flops": (4.0, 0.0), "final_steps": 400.0, "final_flops": 4000.0}
+    budgets = {"flops": 4000.0, "methods": {"cand": row, "switch": dict(row)}}
+    runs = {
+        "cand": [
+            {"stats": {"evals": ev((100, 5.0), (200, 4.0))}},
+            {"stats": {"evals": ev((100, 4.75), (200, 4.25))}},
+        ]
+    }
+    check = target_check(summary, budgets, "cand", runs=runs)
+    assert check["steps_ratio"] == pytest.approx(0.5)  # the first evaluations at or below: 200 and 200
+    assert check["interpolated_ratios"] == pytest.approx((0.375, 0.375))  # crossings at 150 and 150
+    assert "crossing: 0.38x and 0.38x" in "\n".join(check_lines(check))
+    assert target_check(summary, budgets, "cand")["interpolated_ratios"] is None  # without runs: none

@@ -357,7 +357,7 @@ def cmd_compare(args, extra: list[str]) -> int:
     summary = aggregate(runs)
     budgets = equal_budgets(runs, base.train.max_flops)
     command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
-    check = target_check(summary, budgets, method_label(args.candidate or methods[0]))
+    check = target_check(summary, budgets, method_label(args.candidate or methods[0]), runs=runs)
     record = {"command": command, **summary, "budgets": budgets, "target_check": check}
     (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
     plot_curves(runs, out, budgets)

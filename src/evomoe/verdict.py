@@ -5,7 +5,9 @@ Two questions, read from the runs a compare already has (nothing is trained here
 1. **Speed to the reference's quality.** The candidate's steps and training FLOPs to reach the reference
    method's (Switch's) mean final validation loss, as ratios of the reference's own mean final steps and
    FLOPs. "To reach" is the first evaluation at or below the target (``compare.first_reach``), so the
-   ratios are rounded up to the evaluation interval: a conservative reading for the candidate.
+   ratios are rounded up to the evaluation interval: a conservative reading for the candidate. Given the
+   runs, the check adds a second reading: where the curve crosses the target, linearly between the last
+   evaluation above it and the first at or below it (``crossing``).
 2. **Better at equal FLOPs, beyond the seed noise.** For every other method, the candidate's mean
    validation loss at the equal-FLOPs point minus that method's, against a margin of two standard
    deviations of the seeds (the larger of the two methods' sample standard deviations). With one seed of
@@ -15,18 +17,40 @@ Two questions, read from the runs a compare already has (nothing is trained here
 from __future__ import annotations
 
 
-def target_check(summary: dict, budgets: dict, candidate: str, reference: str = "switch") -> dict | None:
+def crossing(evals: list[dict], target: float) -> tuple[float, float] | None:
+    """(step, FLOPs) where the validation loss first reaches ``target``, linearly between the evaluation
+    before and the first at or below it (that evaluation itself when it is the first); None if never."""
+    for i, e in enumerate(evals):
+        if e["val_loss"] <= target:
+            if i == 0 or evals[i - 1]["val_loss"] == e["val_loss"]:
+                return float(e["step"]), float(e["flops"])
+            p = evals[i - 1]
+            w = (p["val_loss"] - target) / (p["val_loss"] - e["val_loss"])
+            return p["step"] + w * (e["step"] - p["step"]), p["flops"] + w * (e["flops"] - p["flops"])
+    return None
+
+
+def target_check(
+    summary: dict, budgets: dict, candidate: str, reference: str = "switch", runs: dict | None = None
+) -> dict | None:
     """The check as a dict (None when the candidate was not run); the speed part is None without a run of
-    the reference method or when the candidate is the reference."""
+    the reference method or when the candidate is the reference. ``runs`` (compare's per-method run
+    summaries with their ``stats.evals``) adds the interpolated ratios."""
     methods, table = summary["methods"], budgets.get("methods", {})
     if candidate not in methods:
         return None
     ref = table.get(reference) if candidate != reference else None
     cand = methods[candidate]
-    steps_ratio = flops_ratio = None
+    steps_ratio = flops_ratio = interp = None
     if ref is not None and cand["steps_to_target"] is not None:
         steps_ratio = cand["steps_to_target"] / ref["final_steps"]
         flops_ratio = cand["flops_to_target"] / ref["final_flops"]
+        cross = [
+            crossing(r["stats"]["evals"], summary["target_val_loss"]) for r in (runs or {}).get(candidate, [])
+        ]
+        if cross and None not in cross:
+            mean = lambda i: sum(c[i] for c in cross) / len(cross)  # noqa: E731
+            interp = (mean(0) / ref["final_steps"], mean(1) / ref["final_flops"])
     versus = {}
     c_at = (table.get(candidate) or {}).get("loss_at_flops")
     for m, row in table.items():
@@ -47,6 +71,7 @@ def target_check(summary: dict, budgets: dict, candidate: str, reference: str = 
         "flops": budgets.get("flops"),
         "steps_ratio": steps_ratio,
         "flops_ratio": flops_ratio,
+        "interpolated_ratios": interp,
         "versus": versus,
         "below_all_beyond_noise": bool(versus) and all(v["beyond"] for v in versus.values()),
     }
@@ -68,6 +93,9 @@ def check_lines(check: dict | None) -> list[str]:
             f"**{check['steps_ratio']:.2f}x** {r}'s steps and **{check['flops_ratio']:.2f}x** its training "
             "FLOPs (first evaluation at or below it; means over seeds)."
         )
+        if check.get("interpolated_ratios"):
+            s, f = check["interpolated_ratios"]
+            reach += f" Linearly between the evaluations around the crossing: {s:.2f}x and {f:.2f}x."
     lines = ["", f"## Target check: {c}", "", reach, ""]
     if not check["versus"]:
         return lines
