@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from evomoe.compare import aggregate, run_stats
+from evomoe.compare import aggregate, method_config, run_stats
+from evomoe.config import load_config
 from evomoe.train.metrics import read_jsonl
 from evomoe.verdict import check_lines, crossing, target_check
 
@@ -184,3 +185,14 @@ def test_target_check_interpolates_the_crossing_between_evaluations():
     assert check["interpolated_ratios"] == pytest.approx((0.375, 0.375))  # crossings at 150 and 150
     assert "crossing: 0.38x and 0.38x" in "\n".join(check_lines(check))
     assert target_check(summary, budgets, "cand")["interpolated_ratios"] is None  # without runs: none
+
+
+VARIANTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "dts_variants").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.stem)
+def test_every_dts_variant_fragment_is_a_valid_method(path):
+    """The variant fragments that docs/results.md section 7 runs load on the default preset and validate;
+    each changes the routing to a DTS gate."""
+    cfg = method_config(load_config("default"), str(path), seed=3)
+    assert cfg.router.name in ("dts", "dts_plus") and cfg.train.seed == 3

@@ -205,6 +205,27 @@ def test_normalized_weights_still_train_the_gate():
     assert r.gate.weight.grad.abs().sum() > 0
 
 
+def test_frozen_hard_phase_routes_the_same_and_gives_the_gate_no_gradient():
+    """freeze_hard: after the hard switch the same pairs and weights, but no gradient reaches the gate; in
+    the soft phase the option changes nothing."""
+    x = torch.randn(256, D_MODEL)
+    for hard in (True, False):
+        gate = GateState(tau=0.3, hard=True) if hard else GateState(tau=2.0)
+        grads, outs = [], []
+        for freeze in (False, True):
+            r = dts_plus(2, normalize=True, hard_noise=False, freeze_hard=freeze)
+            torch.manual_seed(1)  # the same Gumbel draws in the soft phase
+            out = r(x, RouterContext(gate=gate))
+            outs.append(out)
+            if out.weight_P.requires_grad:
+                (out.weight_P * torch.arange(out.weight_P.numel())).sum().backward()
+            grads.append(r.gate.weight.grad)
+        assert torch.equal(outs[0].expert_idx_P, outs[1].expert_idx_P)
+        assert torch.allclose(outs[0].weight_P, outs[1].weight_P)
+        assert grads[0] is not None and grads[0].abs().sum() > 0
+        assert (grads[1] is None) if hard else torch.allclose(grads[0], grads[1]), hard
+
+
 def test_hard_phase_without_noise_trains_on_the_evaluated_expert():
     """hard_noise = false: the training selection after the hard switch is argmax(z), the evaluation's; the
     paper's hard phase samples from softmax(z) (a flat gate: most tokens off their argmax)."""

@@ -17,6 +17,10 @@ non-zero gate start. The paper's gate stays ``dts``; this one is ``dts_plus``.
   instead of argmax(z + Gumbel), which samples an expert from softmax(z) whatever the temperature (the
   argmax ignores it): with a flat gate the paper's hard phase trains on near-random experts while the
   evaluation routes by argmax.
+- ``freeze_hard``: after the hard switch the gate is frozen: routed under no_grad, so the gate gets no
+  gradient (AdamW leaves parameters without one unchanged) and the routing changes only as the hidden
+  states feeding the gate do. StableMoE's argument: a routing that keeps moving wastes what the experts
+  learned from the tokens they no longer receive.
 Legend: T tokens, E experts, K the cap.
 """
 
@@ -30,7 +34,7 @@ from torch import nn
 
 from ...config.errors import check
 from ...registry import ROUTERS
-from ..router import RouterContext, RouterSpec
+from ..router import RouterContext, RouterSpec, Routing
 from .dts import DTSOptions, DTSRouter
 
 
@@ -40,6 +44,7 @@ class DTSPlusOptions(DTSOptions):
     gate_std: float = 0.0  # > 0: the gate starts N(0, gate_std); 0: router.gate_init
     normalize: bool = False  # weights / their detached sum over the selected experts (see the module doc)
     hard_noise: bool = True  # false: the hard phase trains on argmax(z), as evaluated (see the module doc)
+    freeze_hard: bool = False  # true: the gate gets no gradient after the hard switch (see the module doc)
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
@@ -86,6 +91,12 @@ class DTSPlusRouter(DTSRouter):
         if not self.cfg.normalize:
             return w_TE
         return w_TE / w_TE.detach().sum(-1, keepdim=True).clamp_min(1e-20)
+
+    def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
+        if self.cfg.freeze_hard and ctx.gate.hard:
+            with torch.no_grad():
+                return super().forward(x_TD, ctx)
+        return super().forward(x_TD, ctx)
 
     def select(self, z_TE: torch.Tensor, ctx: RouterContext) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx.gate.hard and not self.cfg.hard_noise:
