@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, DataConfig
-from .cache import Log, log_stderr, resolve_cache_dir, write_atomic
+from .cache import Log, log_stderr, resolve_cache_dir, sha256_file, write_atomic
 from .parallel import ParallelText, read_parallel, split_pairs
 from .sword import align_modules
 from .synthetic import generate_pairs
 from .tokenizer import SpecialTokens, load_tokenizer, train_tokenizer
 
-MT_FORMAT_VERSION = 1
+MT_FORMAT_VERSION = 2  # 2: checksums of the cached files in meta.json
 
 
 @dataclass
@@ -113,9 +113,10 @@ def load_mt_data(
     directory = resolve_cache_dir(data, env) / f"mt-{fp[:16]}"
     meta_path = directory / "meta.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("fingerprint") == fp:
+        meta, why = _check(directory, meta_path, fp)
+        if meta is not None:
             return _load(directory, meta)
+        log(f"warning: data: rebuilding translation cache {directory}: {why}")
     text = read_pairs(source, target, synthetic, env)
     tok, src, tgt, train_idx, val_idx = _build(text, val_fraction, max_tokens, data, log)
     directory.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,7 @@ def load_mt_data(
     write_atomic(directory / "pairs.npz", lambda f: np.savez(f, **arrays))
     meta = {
         "fingerprint": fp,
+        "files": {n: {"sha256": sha256_file(directory / n)} for n in CHECKED},
         "origin": text.origin,
         "pairs": {"read": text.n_read, "empty": text.n_empty, "long": text.n_long},
         "train": len(train_idx),
@@ -137,6 +139,26 @@ def load_mt_data(
     }
     write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode("utf-8")))
     return _load(directory, meta)
+
+
+CHECKED = ("tokenizer.json", "pairs.npz")
+
+
+def _check(directory: Path, meta_path: Path, fp: str) -> tuple[dict | None, str]:
+    """(meta, "") when the cache is this config's and its files are intact, else (None, why not)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"meta.json is unreadable ({e})"
+    if meta.get("fingerprint") != fp:
+        return None, "the data or config changed (fingerprint differs)"
+    for name in CHECKED:
+        want = meta.get("files", {}).get(name, {}).get("sha256")
+        if not (directory / name).is_file():
+            return None, f"{name} is missing"
+        if want != sha256_file(directory / name):
+            return None, f"{name} is corrupt (sha256 differs from meta.json)"
+    return meta, ""
 
 
 def _split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
