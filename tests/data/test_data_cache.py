@@ -36,46 +36,57 @@ def test_cache_built_once_then_reused(make_corpus, tmp_path):
     second = load_or_build(cfg, {}, log2)
     assert not second.rebuilt and "using token cache" in log2.text() and "build" not in log2.text()
     assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == mtimes
-    assert sorted(mtimes) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]  # no temp files left
-    assert isinstance(second.train, np.memmap) and second.train.dtype == np.uint16
+    names = ["counts.npy", "manifest.json", "plan.npz", "tokenizer.json", "train-00000.bin", "val-00000.bin"]
+    assert sorted(mtimes) == names  # no temp files left
+    assert all(isinstance(p, np.memmap) for p in second.train.parts) and second.train.dtype == np.uint16
     assert np.array_equal(first.train, second.train) and np.array_equal(first.val, second.val)
 
-    meta = json.loads((d / "meta.json").read_text())
+    meta = json.loads((d / "manifest.json").read_text())
     assert d.name == meta["fingerprint"][:16] and meta["dtype"] == "uint16"
     assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 300
-    assert (
-        (d / "train.bin").stat().st_size == 2 * meta["tokens"]["train"] == meta["files"]["train.bin"]["size"]
-    )
+    shard = meta["shards"][0]
+    assert shard["file"] == "train-00000.bin" and shard["tokens"] == meta["tokens"]["train"]
+    assert (d / "train-00000.bin").stat().st_size == 2 * meta["tokens"]["train"] == shard["size"]
     assert meta["n_replaced"] == 0 and set(meta["text_bytes"]) == {"train", "val"}
+    counts = np.bincount(np.asarray(second.train), minlength=300)
+    assert np.array_equal(second.counts, counts)  # the stored histogram is the split's
     text = second.tokenizer.decode(np.asarray(second.val))
     assert len(text.encode()) == meta["text_bytes"]["val"]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "meta", "tokenizer"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "meta", "tokenizer", "plan"])
 def test_corrupt_cache_is_rebuilt(make_corpus, tmp_path, damage):
     cfg = _cfg(make_corpus(n_files=6, n_lines=30), tmp_path, tokenizer="bytes")
     good = load_or_build(cfg, {}, Log())
     d = good.directory
     train_ids, val_ids = np.array(good.train), np.array(good.val)
     del good
+    whole = damage in ("meta", "tokenizer", "plan")  # a damaged shard is tokenized again on its own
     if damage == "flip":
-        raw = bytearray((d / "train.bin").read_bytes())
+        raw = bytearray((d / "train-00000.bin").read_bytes())
         raw[len(raw) // 2] ^= 0x01
-        (d / "train.bin").write_bytes(bytes(raw))
-        why = "train.bin is corrupt"
+        (d / "train-00000.bin").write_bytes(bytes(raw))
+        why = "train-00000.bin is corrupt"
     elif damage == "truncate":
-        raw = (d / "val.bin").read_bytes()
-        (d / "val.bin").write_bytes(raw[:-2])
-        why = "val.bin has"
+        raw = (d / "val-00000.bin").read_bytes()
+        (d / "val-00000.bin").write_bytes(raw[:-2])
+        why = "val-00000.bin has"
+    elif damage == "delete":
+        (d / "train-00000.bin").unlink()
+        why = "train-00000.bin is missing"
     elif damage == "meta":
-        (d / "meta.json").unlink()
-        why = "no meta.json"
+        (d / "manifest.json").unlink()
+        why = "no manifest.json"
+    elif damage == "plan":
+        (d / "plan.npz").write_bytes(b"x" * (d / "plan.npz").stat().st_size)
+        why = "plan.npz is corrupt"
     else:
         (d / "tokenizer.json").write_text('{"kind": "bytes", "vocab_size": 257}\n')
         why = "tokenizer.json is corrupt"  # same size, other content
     log = Log()
     again = load_or_build(cfg, {}, log)
     assert again.rebuilt and "warning" in log.text() and why in log.text()
+    assert ("rebuilding token cache" in log.text()) == whole
     assert np.array_equal(again.train, train_ids) and np.array_equal(again.val, val_ids)
     assert not load_or_build(cfg, {}, Log()).rebuilt
 
@@ -96,9 +107,9 @@ def test_changed_corpus_or_config_gets_a_new_cache(make_corpus, tmp_path):
 def test_stale_meta_with_other_fingerprint_is_rebuilt(make_corpus, tmp_path):
     cfg = _cfg(make_corpus(n_files=4, n_lines=20), tmp_path, tokenizer="bytes")
     d = load_or_build(cfg, {}, Log()).directory
-    meta = json.loads((d / "meta.json").read_text())
+    meta = json.loads((d / "manifest.json").read_text())
     meta["fingerprint"] = meta["fingerprint"][:16] + "0" * 48
-    (d / "meta.json").write_text(json.dumps(meta))
+    (d / "manifest.json").write_text(json.dumps(meta))
     log = Log()
     assert load_or_build(cfg, {}, log).rebuilt and "fingerprint differs" in log.text()
 

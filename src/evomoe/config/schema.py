@@ -26,6 +26,7 @@ OPTIMIZER_IMPLS = ("foreach", "fused")
 OPT_STATE_MODES = ("fresh", "copy")
 DECAYS = ("linear", "exponential", "cosine")
 TOKENIZERS = ("bpe", "bytes")
+DATA_ORDERS = ("random", "shuffled")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DP_SHARDS = ("ddp", "fsdp")
@@ -94,14 +95,23 @@ class GateConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # stdlib, or a path to a text file or a directory of text files
+    # stdlib | pypackages | pypackages-xl, or a path to a file or a directory of files (text, or JSONL /
+    # Parquet records: see text_field)
+    corpus: str = "stdlib"
     include_tests: bool = False  # stdlib: also the interpreter's own test suite
     max_bytes: int = 0  # 0: the whole corpus; else keep files (in sorted order) up to this many bytes
     tokenizer: str = "bpe"  # bpe | bytes
     vocab_size: int = 4096  # bpe only
     val_fraction: float = 0.05  # share of files (by a hash of their path) held out for validation
     cache_dir: str = ""  # "": $EVOMOE_CACHE or ~/.cache/evomoe
-    extensions: str = ".py,.txt,.md,.rst"  # directory corpora: which files to read
+    extensions: str = ".py,.txt,.md,.rst"  # directory corpora: which files to read (.jsonl, .parquet too)
+    text_field: str = "text"  # JSONL / Parquet records: the field that holds the text
+    dedup: bool = False  # drop exact duplicate documents (the first in corpus order stays); pypackages: on
+    shard_bytes: int = 32 << 20  # text per token shard (shards are tokenized in parallel)
+    workers: int = 0  # processes that scan and tokenize; 0: one per CPU core
+    # random: each step draws independent random windows (they may repeat within a pass); shuffled: each
+    # pass over the training split visits every window once, in a seeded order (no repeats within a pass)
+    order: str = "random"
 
 
 @dataclass

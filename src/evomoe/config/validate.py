@@ -122,6 +122,10 @@ def _data(cfg: Any) -> None:
     check(257 <= d.vocab_size <= 65535, "data.vocab_size", d.vocab_size, "must be in [257, 65535]")
     check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0: no limit)")
+    check(bool(d.text_field), "data.text_field", d.text_field, "name the record field that holds the text")
+    check(d.shard_bytes >= 1024, "data.shard_bytes", d.shard_bytes, "must be >= 1024")
+    check(d.workers >= 0, "data.workers", d.workers, "must be >= 0 (0: one per CPU core)")
+    choice("data.order", d.order, s.DATA_ORDERS)
 
 
 def _train(cfg: Any) -> None:

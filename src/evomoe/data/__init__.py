@@ -11,6 +11,7 @@ from .batches import TokenData, bits_per_byte, load_token_data
 from .cache import CachedTokens, load_or_build, resolve_cache_dir
 from .corpus import CorpusListing, CorpusText, list_corpus, read_corpus
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer, train_tokenizer
+from .tokens import ShardedTokens
 
 build_corpus = read_corpus
 
@@ -21,6 +22,7 @@ __all__ = [
     "CorpusListing",
     "CorpusText",
     "TokenData",
+    "ShardedTokens",
     "Tokenizer",
     "bits_per_byte",
     "build_corpus",

@@ -1,8 +1,9 @@
-"""Token data for training: random training windows that are a pure function of (seed, step), and a
-fixed, evenly spaced set of validation windows.
+"""Token data for training: training windows that are a pure function of (seed, step), and a fixed,
+evenly spaced set of validation windows.
 
-Because ``train_batch(step, seed, ...)`` draws its window starts from ``np.random.default_rng([seed,
-step])``, the step counter is the whole data position: a run resumed at step k sees exactly the
+``data.order = "random"`` draws each step's window starts from ``np.random.default_rng([seed, step])``;
+``"shuffled"`` visits every window of the training split once per pass (``tokens.ShuffledWindows``).
+Either way the step counter is the whole data position: a run resumed at step k sees exactly the
 batches it would have seen without the interruption.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ import torch
 from ..config import ConfigError, DataConfig
 from .cache import Log, load_or_build, log_stderr
 from .tokenizer import Tokenizer
+from .tokens import ShardedTokens, ShuffledWindows
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``tokens[s : s+seq_len]`` and the targets shifted by one: int64 [len(starts), seq_len]."""
     idx = starts.astype(np.int64)[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
     win = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
@@ -32,14 +34,18 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
 
 @dataclass(frozen=True)
 class TokenData:
-    """The tokenized train and validation splits (memory-mapped), their tokenizer and the cache record."""
+    """The tokenized train and validation splits (memory-mapped shards), their tokenizer and the cache's
+    manifest."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: ShardedTokens | np.ndarray
+    val: ShardedTokens | np.ndarray
     tokenizer: Tokenizer
     meta: dict[str, Any]
     cache_dir: Path
     rebuilt: bool = False  # True when this load (re)built the cache
+    order: str = "random"  # data.order
+    counts: np.ndarray | None = None  # the training split's token histogram (None: counted on demand)
+    _shuffled: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def vocab_size(self) -> int:
@@ -51,6 +57,11 @@ class TokenData:
         """(x, y) int64 [batch_size, seq_len], y = x shifted by one; starts: ``default_rng([seed, step])``."""
         if step < 0 or seed < 0:
             raise ValueError(f"step ({step}) and seed ({seed}) must be >= 0")
+        if self.order == "shuffled":
+            key = (seed, seq_len)
+            if key not in self._shuffled:
+                self._shuffled[key] = ShuffledWindows(len(self.train), seq_len, seed)
+            return _windows(self.train, self._shuffled[key].starts(step, batch_size), seq_len)
         n_starts = len(self.train) - seq_len  # a window holds seq_len + 1 tokens
         if n_starts < 1:
             raise ValueError(
@@ -58,6 +69,26 @@ class TokenData:
             )
         rng = np.random.default_rng([seed, step])
         return _windows(self.train, rng.integers(0, n_starts, size=batch_size), seq_len)
+
+    def token_counts(self, minlength: int) -> np.ndarray:
+        """[>= minlength] how often each id occurs in the training split (from the cache's histogram)."""
+        counts = self.counts if self.counts is not None else np.bincount(np.asarray(self.train))
+        out = np.zeros(max(minlength, len(counts)), dtype=np.int64)
+        out[: len(counts)] = counts
+        return out
+
+    def passes(self, tokens: int) -> float:
+        """Passes over the training split that ``tokens`` trained tokens make."""
+        return tokens / max(len(self.train), 1)
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies these tokens on any machine (the manifest without its machine's paths)."""
+        m = self.meta
+        keys = ("corpus", "corpus_kind", "packages", "source_files", "content_sha256", "dedup", "n_files")
+        out = {k: m.get(k) for k in keys}
+        out.update(tokens=m["tokens"], tokenizer=m["tokenizer"], vocab_size=m["vocab_size"])
+        out["tokenizer_sha256"] = m.get("files", {}).get("tokenizer.json", {}).get("sha256")
+        return out
 
     def val_starts(self, n_windows: int, seq_len: int) -> np.ndarray:
         """Up to ``n_windows`` evenly spaced, non-overlapping window starts over the validation split."""
@@ -130,5 +161,6 @@ def load_token_data(
             "data.max_bytes, or lower train.batch_size / model.seq_len"
         )
     return TokenData(
-        cached.train, cached.val, cached.tokenizer, cached.meta, cached.directory, cached.rebuilt
+        cached.train, cached.val, cached.tokenizer, cached.meta, cached.directory, cached.rebuilt, cfg.order,
+        cached.counts,
     )

@@ -1,7 +1,9 @@
 """Find, fingerprint, read and split the text corpus.
 
-A corpus is the Python standard library of the running interpreter (``data.corpus = "stdlib"``), one
-text file, or a directory of text files. Files are listed in sorted order of their relative path,
+A corpus is the Python standard library of the running interpreter (``data.corpus = "stdlib"``), the
+Python sources of a pinned set of installed packages (``"pypackages"``, see ``packages.py``), one file, or
+a directory of files: text, or JSONL / Parquet records with a text field (``documents.py``). Files are
+listed in sorted order of their relative path,
 ``data.max_bytes`` keeps a prefix of that list, and the train/validation split is made per file by a
 stable hash of the relative path, so adding a file never moves another file across the split.
 
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig
+from .packages import CORPORA, find_packages
 
-FORMAT_VERSION = 1  # bump when the way text or tokens are produced changes: every cache is rebuilt
+FORMAT_VERSION = 2  # bump when the way text or tokens are produced changes: every cache is rebuilt
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__"})
 STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
@@ -41,10 +44,11 @@ class CorpusFile:
 class CorpusListing:
     """The files a config selects, and the fingerprint that keys the token cache."""
 
-    kind: str  # stdlib | file | dir
+    kind: str  # stdlib | packages | file | dir
     root: Path
     files: tuple[CorpusFile, ...]
     fingerprint: str
+    packages: tuple[tuple[str, str, int], ...] = ()  # (name, version, .py files) of a package corpus
 
 
 @dataclass(frozen=True)
@@ -139,9 +143,17 @@ def select_max_bytes(files: Iterable[CorpusFile], max_bytes: int) -> list[Corpus
 
 def list_corpus(cfg: DataConfig) -> CorpusListing:
     """Resolve ``data.corpus`` to its files (stat only) and fingerprint them with the relevant config."""
+    packages: tuple[tuple[str, str, int], ...] = ()
     if cfg.corpus == "stdlib":
         kind, root = "stdlib", stdlib_root()
         files = stdlib_files(cfg.include_tests)
+    elif cfg.corpus in CORPORA:
+        kind, found = "packages", find_packages(cfg.corpus)
+        root = Path(found[0].files[0].path).parents[len(Path(found[0].files[0].rel).parts) - 1]
+        files = sorted(
+            (_stat_file(f.path, f.rel) for p in found for f in p.files), key=lambda f: f.rel
+        )
+        packages = tuple((p.name, p.version, len(p.files)) for p in found)
     else:
         root = Path(cfg.corpus).expanduser()
         if not root.exists():
@@ -169,9 +181,13 @@ def list_corpus(cfg: DataConfig) -> CorpusListing:
             "point data.corpus at a directory with text files, or change data.extensions"
         )
     files = select_max_bytes(files, cfg.max_bytes)
-    return CorpusListing(
-        kind=kind, root=root, files=tuple(files), fingerprint=fingerprint(kind, root, files, cfg)
-    )
+    fp = fingerprint(kind, root, files, cfg, packages)
+    return CorpusListing(kind=kind, root=root, files=tuple(files), fingerprint=fp, packages=packages)
+
+
+def effective_dedup(cfg: DataConfig, kind: str) -> bool:
+    """``data.dedup``; a package corpus is always deduplicated (vendored copies are part of what it is)."""
+    return cfg.dedup or kind == "packages"
 
 
 def _doc_hint(root: Path) -> str:
@@ -182,14 +198,17 @@ def _doc_hint(root: Path) -> str:
     return f" (the Python documentation sources: apt-get update && apt-get install -y {m.group(1)}-doc)"
 
 
-def fingerprint(kind: str, root: Path, files: Iterable[CorpusFile], cfg: DataConfig) -> str:
+def fingerprint(
+    kind: str, root: Path, files: Iterable[CorpusFile], cfg: DataConfig, packages: tuple = ()
+) -> str:
     """sha256 over the file list (paths, sizes, mtimes, cut points) and every config field that matters."""
     h = hashlib.sha256()
     vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 256
     head = (
         f"evomoe-data v{FORMAT_VERSION}|{kind}|{root}|tests={cfg.include_tests}|max={cfg.max_bytes}|"
         f"val={cfg.val_fraction!r}|ext={cfg.extensions if kind == 'dir' else ''}|"
-        f"tok={cfg.tokenizer}|vocab={vocab}\n"
+        f"tok={cfg.tokenizer}|vocab={vocab}|dedup={effective_dedup(cfg, kind)}|field={cfg.text_field}|"
+        f"shard={cfg.shard_bytes}|packages={packages}\n"
     )
     h.update(head.encode())
     for f in files:

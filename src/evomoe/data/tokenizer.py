@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -150,6 +150,12 @@ class BPETokenizer(_WrappedTokenizer):
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
         """Train on ``text`` (the training split); the vocabulary may come out smaller on little text."""
+        return cls.train_on(iter_chunks(text), vocab_size)
+
+    @classmethod
+    def train_on(cls, chunks: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Train on the pieces of a text cut at points where its pre-tokenization does not change
+        (``iter_chunks``): the same merges as training on the whole text, without holding it."""
         tok = hf.Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
@@ -159,8 +165,7 @@ class BPETokenizer(_WrappedTokenizer):
             special_tokens=[],
             show_progress=False,
         )
-        chunks = list(iter_chunks(text))
-        tok.train_from_iterator(chunks, trainer=trainer, length=len(chunks))
+        tok.train_from_iterator(chunks, trainer=trainer)
         return cls(tok)
 
     def _count_token_bytes(self) -> np.ndarray:
@@ -305,10 +310,15 @@ def count_token_bytes(tok: hf.Tokenizer) -> np.ndarray:
 
 def train_tokenizer(kind: str, train_text: str, vocab_size: int) -> Tokenizer:
     """A tokenizer of ``kind`` (``data.tokenizer``), trained on the training text when it is a BPE."""
+    return train_tokenizer_on(kind, iter_chunks(train_text), vocab_size)
+
+
+def train_tokenizer_on(kind: str, chunks: Iterable[str], vocab_size: int) -> Tokenizer:
+    """``train_tokenizer`` on a text given as safely cut pieces (streamed from the shards)."""
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "bpe":
-        return BPETokenizer.train(train_text, vocab_size)
+        return BPETokenizer.train_on(chunks, vocab_size)
     raise ConfigError(f"data.tokenizer = {kind!r}: choose from: bpe, bytes")
 
 

@@ -89,5 +89,14 @@ class Task:
         """Forward FLOPs of the model outside its FFNs on ``batch`` (this rank's rows)."""
         raise NotImplementedError
 
+    def passes(self, tokens: int) -> float | None:
+        """Passes over the training split made by ``tokens`` (summed ``Batch.num_tokens``); None: unknown."""
+        return None
+
+    def provenance(self) -> dict[str, Any] | None:
+        """What identifies the training text (corpus, package versions, content hash, tokenizer): the run
+        directory keeps it, and resuming a run on other text is an error. None: nothing to check."""
+        return None
+
     def summary(self, metrics: dict[str, float]) -> str:
         return ", ".join(f"{label} {metrics[k]:{fmt}}" for k, label, fmt in self.headline if k in metrics)

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,8 +122,13 @@ class LMTask(Task):
         }
 
     def token_counts(self) -> torch.Tensor:
-        counts = np.bincount(np.asarray(self.data.train), minlength=self.cfg.model.vocab_size)
-        return torch.from_numpy(counts.astype(np.int64))
+        return torch.from_numpy(self.data.token_counts(self.cfg.model.vocab_size))
+
+    def passes(self, tokens: int) -> float:
+        return self.data.passes(tokens)
+
+    def provenance(self) -> dict[str, Any]:
+        return self.data.provenance()
 
     def forward_dense_flops(self, batch: Batch) -> float:
         m = self.cfg.model

@@ -112,9 +112,16 @@ class MLMTask(Task):
         }
 
     def token_counts(self) -> torch.Tensor:
-        counts = np.bincount(np.asarray(self.data.train), minlength=self.vocab_size)[: self.vocab_size]
+        counts = self.data.token_counts(self.vocab_size)[: self.vocab_size]
         counts[self.tokenizer.bos_id] = len(self.data.train) // max(self.cfg.model.seq_len - 1, 1)
         return torch.from_numpy(counts.astype(np.int64))
+
+    def passes(self, tokens: int) -> float:
+        seq_len = self.cfg.model.seq_len
+        return self.data.passes(tokens * (seq_len - 1) // seq_len)  # a row is <s> + seq_len - 1 text tokens
+
+    def provenance(self) -> dict[str, Any]:
+        return self.data.provenance()
 
     def forward_dense_flops(self, batch: Batch) -> float:
         """Projections, bidirectional scores over all S keys, the head's dense layer and tied projection."""

@@ -100,6 +100,7 @@ class MTTask(Task):
             [max(len(s), len(t) + 1) for s, t in zip(self.data.train_src, self.data.train_tgt)]
         )
         self.buckets = make_buckets(lengths, o.buckets)
+        self.pass_tokens = sum(len(s) + len(t) + 1 for s, t in zip(self.data.train_src, self.data.train_tgt))
 
     @property
     def vocab_size(self) -> int:
@@ -181,6 +182,20 @@ class MTTask(Task):
         counts = np.bincount(np.concatenate([ids, np.repeat(special, len(self.data.train_tgt))]),
                              minlength=self.vocab_size)  # fmt: skip
         return torch.from_numpy(counts[: self.vocab_size].astype(np.int64))
+
+    def passes(self, tokens: int) -> float:
+        """Over the training pairs' source + target tokens (``<s>`` on the decoder side included)."""
+        return tokens / max(self.pass_tokens, 1)
+
+    def provenance(self) -> dict[str, Any]:
+        m = self.data.meta
+        files = m.get("files", {})
+        return {
+            "corpus": m.get("origin"),
+            "content_sha256": files.get("pairs.npz", {}).get("sha256"),
+            "tokenizer_sha256": files.get("tokenizer.json", {}).get("sha256"),
+            "tokens": {"train": m.get("train"), "val": m.get("val")},
+        }
 
     def forward_dense_flops(self, batch: Batch) -> float:
         """Forward FLOPs outside the FFNs, over the padded shapes actually computed: encoder projections and

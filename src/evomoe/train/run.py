@@ -6,11 +6,39 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..config import Config, to_toml
+from ..config import Config, ConfigError, to_toml
 from ..data.tokenizer import TOKENIZER_FILE
 from .checkpoint import write_bytes_atomic
 from .metrics import truncate_jsonl
 from .trainer import Trainer, resumable_checkpoint
+
+DATA_FILE = "data.json"
+IDENTITY = ("content_sha256", "tokens", "tokenizer_sha256")  # equal exactly when the tokens are equal
+
+
+def check_data(path: Path, data: dict | None, resumed: bool) -> None:
+    """Write the training text's identity into the run directory (``data.json``); a resumed run whose
+    text differs from the one it was trained on stops with an error naming both (nothing is written)."""
+    if data is None:
+        return
+    if resumed and path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"'{path}' is unreadable ({e}); delete it to accept the current data") from None
+        if any(before.get(k) != data.get(k) for k in IDENTITY):
+            raise ConfigError(
+                f"data.corpus = {data['corpus']!r}: this run was trained on other text than the corpus gives "
+                f"now ({_identity(before)} then, {_identity(data)} now); resuming would silently change the "
+                f"data. Restore the corpus (e.g. the pinned package versions), or start a new run directory"
+            )
+    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _identity(d: dict) -> str:
+    pk = ", ".join(f"{p['name']} {p['version']}" for p in d.get("packages") or [])
+    sha = str(d.get("content_sha256"))[:12]
+    return f"content {sha}, {d.get('tokens')} tokens" + (f", packages {pk}" if pk else "")
 
 
 def run_training(
@@ -32,6 +60,7 @@ def run_training(
         log(f"no checkpoint in '{out}/checkpoints': starting a new run")
         for name in ("metrics.jsonl", "eval.jsonl"):  # rows of a run killed before its first checkpoint
             truncate_jsonl(out / name, 0)
+    check_data(out / DATA_FILE, trainer.task.provenance(), resumed=path is not None)
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
     # the run's tokenizer (tasks with one), for ``evomoe generate`` and ``evomoe export``
@@ -50,6 +79,7 @@ def run_training(
         **{k: final[k] for k in trainer.task.metric_names},
         "train_flops": trainer.state.flops,
         "tokens": trainer.state.tokens,
+        "passes": trainer.task.passes(trainer.state.tokens),
         "train_seconds": trainer.state.train_seconds,
         "tokens_per_s": trainer.state.tokens / max(trainer.state.train_seconds, 1e-9),
         "skipped_steps": trainer.state.skipped_total,

@@ -270,6 +270,7 @@ class Trainer:
             "experts_per_token": per_token,
             "flops": self.state.flops,
             "tokens": self.state.tokens,
+            "passes": self.task.passes(self.state.tokens),
         }
 
     def eval_pass(self, step: int, train_selection: bool) -> tuple[dict, float]:
@@ -384,6 +385,7 @@ class Trainer:
             tokens_per_s=tokens_per_s,
             flops=self.state.flops,
             tokens=self.state.tokens,
+            passes=self.task.passes(self.state.tokens),
             skipped_steps=self.state.skipped_total,
             train_seconds=self.state.train_seconds,
         )
