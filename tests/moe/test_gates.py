@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -155,6 +157,54 @@ def test_stat_topk_router_about_k_experts_and_never_none():
     per_token = torch.bincount(out.token_idx_P, minlength=512)
     assert per_token.min() >= 1
     assert 5.0 < per_token.float().mean() < 11.0  # target 8 of 32, a rough Gaussian fit
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_stat_topk_shifted_min_keep_expert_has_a_positive_weight(renormalize):
+    """E 16, k 2, logits [0] * 15 + [-10]: no expert passes the threshold, min_keep keeps expert 0 (the
+    first of the ties). Its shifted weight ReLU(z - theta) is 0: the token takes softmax weights instead,
+    positive, and (not renormalised) with a gradient to the gate."""
+    E = 16
+    opts = StatTopkOptions(k=2.0, weights="shifted", min_keep=1, renormalize=renormalize)
+    r = StatTopkRouter(RouterSpec(d_model=E, num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[:, 0] = torch.tensor([0.0] * 15 + [-10.0])
+    x = torch.eye(E)[0].expand(4, E).clone()  # every token's logits: [0] * 15 + [-10]
+    out = r(x, ctx())
+    assert out.expert_idx_P.tolist() == [0, 0, 0, 0]
+    p0 = torch.softmax(torch.tensor([0.0] * 15 + [-10.0]), -1)[0]
+    torch.testing.assert_close(out.weight_P.detach(), torch.full((4,), 1.0 if renormalize else float(p0)))
+    out.weight_P.sum().backward()
+    assert (r.gate.weight.grad.abs().sum() > 0) != renormalize  # a lone renormalised expert: weight 1
+
+
+@pytest.mark.parametrize("min_keep", [1, 2])
+@pytest.mark.parametrize("dist", ["normal", "cauchy"])
+def test_stat_topk_shifted_weights_follow_the_formula_and_are_never_zero(dist, min_keep):
+    """Heavy-tailed logit rows often leave fewer than min_keep experts above theta. Rows with enough
+    survivors keep Spark's ReLU(z - theta), the others take p; with min_keep = 1 the kept expert is the
+    token's best, so p >= 1/E: never 0 (it was for 42 of 4096 Gaussian and 852 of 4096 Cauchy rows)."""
+    E, T = 16, 4096
+    opts = StatTopkOptions(k=2.0, weights="shifted", min_keep=min_keep)
+    r = StatTopkRouter(RouterSpec(d_model=E, num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(E))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(T, E, generator=g) if dist == "normal" else torch.empty(T, E).cauchy_(generator=g)
+    out = r(z, ctx())
+    assert (torch.bincount(out.token_idx_P, minlength=T) >= min_keep).all()
+    w = dense(out, T, E)
+    quantile = statistics.NormalDist().inv_cdf(1 - 2 / E)
+    theta = z.mean(-1, keepdim=True) + z.std(-1, keepdim=True, unbiased=False) * quantile
+    enough = (z > theta).sum(-1) >= min_keep
+    assert enough.any() and (~enough).any()
+    kept = torch.zeros(T, E, dtype=torch.bool)
+    kept[out.token_idx_P, out.expert_idx_P] = True
+    torch.testing.assert_close(w[enough], (torch.relu(z - theta) * kept)[enough])
+    torch.testing.assert_close(w[~enough], (torch.softmax(z, -1) * kept)[~enough])
+    if min_keep == 1:
+        assert (out.weight_P > 0).all()
 
 
 # ---------------------------------------------------------------------------------------------- act DTS
