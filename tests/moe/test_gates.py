@@ -272,6 +272,56 @@ def test_remoe_lambda_grows_while_dense_and_shrinks_when_sparse():
     assert r.loss_weights()["l1"] == pytest.approx(1e-8 * 1.2)
 
 
+def remoe_layers(scope: str) -> list[ReMoERouter]:
+    """Two ReMoE layers built as a model builds them (``link`` once both exist): layer 0 dense (most
+    logits positive), layer 1 sparse (most negative)."""
+    routers = [make(ReMoERouter, ReMoEOptions(k=1, lambda_scope=scope), E=4, layer=i) for i in range(2)]
+    for r, shift in zip(routers, (0.2, -0.2)):
+        r.gate.weight.data.add_(shift)  # every logit moves by shift * sum(x)
+    for r in routers:
+        r.link(routers)
+    return routers
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_remoe_lambda_per_layer_or_one_for_the_model(scope):
+    """``layer``: each lambda follows its own layer's sparsity (here one rises, one falls); ``model`` (the
+    source's): one lambda, moved by the sparsity of the layers' pairs together."""
+    routers = remoe_layers(scope)
+    x = torch.ones(32, D) + 0.1 * torch.randn(32, D)
+    pairs = [int(r(x, ctx()).token_idx_P.numel()) for r in routers]
+    assert pairs[0] > 32 > pairs[1]  # layer 0 denser than 1 of 4 experts, layer 1 sparser
+    for r in routers:
+        r.on_step(0)
+    lams = [float(r.lam) for r in routers]
+    if scope == "layer":
+        assert lams == pytest.approx([1e-8 * 1.2, 1e-8 / 1.2])
+    else:
+        want = adapt_lambda(1e-8, 1.2, 0.75, 1.0 - sum(pairs) / (2 * 32 * 4))
+        assert lams == pytest.approx([want, want]) and want != 1e-8
+    assert all(float(r.step_pairs) == 0 and float(r.step_slots) == 0 for r in routers)
+
+
+def test_remoe_model_scope_links_every_layer_of_a_spawned_model():
+    from evomoe.evolve import spawn_model
+    from evomoe.models import GPT
+
+    cfg = Config()
+    m = cfg.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len, m.d_ff = 30, 16, 3, 2, 8, 32
+    cfg.router.name = "remoe"
+    cfg.router.remoe.lambda_scope = "model"
+    model = GPT(m, cfg.moe)
+    spawn_model(model, cfg, torch.Generator().manual_seed(0))
+    routers = [layer.router for layer in model.moe_layers()]
+    assert len(routers) == 3 and all(r.group == routers for r in routers)
+    assert all(
+        set(r.state_dict())
+        == {"gate.weight", "lam", "step_pairs", "step_slots", "balancer.bias_E", "balancer.step_counts_E"}
+        for r in routers
+    )
+
+
 # ---------------------------------------------------------------------------------------------- state
 @pytest.mark.parametrize(
     "cls,opts",
