@@ -207,6 +207,9 @@ def _each_layer(make, model, cfg: Config, generator, after_layer: AfterLayer | N
     for layer_idx, layer in enumerate(layers):
         info = {"layer_idx": layer_idx, "num_moe_layers": len(layers), **router_info}
         mapping.update((after_layer or _keep)(layer, make(layer, cfg, generator, **info)))
+    routers = [layer.router for layer in layers if layer.router is not None]
+    for router in routers:
+        router.link(routers)
     return mapping
 
 

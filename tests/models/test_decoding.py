@@ -4,6 +4,8 @@ scores below greedy under the same length penalty."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -109,3 +111,37 @@ def test_beam_one_equals_greedy_and_beam_four_scores_at_least_greedy():
         g_score = seq_score(step, None, greedy[b], 1.0, len(greedy[b]) < 8)
         f_score = seq_score(step, None, four[b], 1.0, len(four[b]) < 8)
         assert f_score >= g_score - 1e-5 or len(four[b]) == 8
+
+
+def brute_force_best(table: torch.Tensor, max_len: int, alpha: float) -> tuple[float, list[int]]:
+    """The reference, scored on its own (nothing shared with decoding.py): every sentence of the bigram
+    model ``table`` [V + 1, V] (row V = <s>, token V - 1 = </s>): w_1 .. w_L </s> with L < max_len, scored
+    sum log p / (L + 1) ** alpha, or max_len words left open, scored sum log p / max_len ** alpha."""
+    vocab = table.shape[1]
+    bos, eos, words = vocab, vocab - 1, range(vocab - 1)
+    best = (float("-inf"), [])
+    for n in range(max_len + 1):
+        for seq in itertools.product(words, repeat=n):
+            path = [bos, *seq] + ([eos] if n < max_len else [])
+            total = sum(float(table[a, b]) for a, b in zip(path[:-1], path[1:]))
+            score = total / (len(path) - 1) ** alpha
+            if score > best[0]:
+                best = (score, list(seq))
+    return best
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_wide_beam_equals_brute_force_where_width_and_length_penalty_matter(alpha):
+    """Over 60 random bigram models (3 words + </s>, 4 steps), a beam wide enough for every hypothesis
+    (64 >= 3^3 open beams) finds the brute-force best. The fixtures are checked to include models where
+    greedy decoding misses it (the beam's width matters) and where the length penalty changes it."""
+    width_matters = penalty_matters = 0
+    for seed in range(60):
+        lm = ToyLM(seed=seed)
+        score, best = brute_force_best(lm.table, 4, alpha)
+        wide = beam_search(lm.step, lm.reorder, None, 1, lm.bos, lm.eos, 4, beam=64, alpha=alpha)[0]
+        assert wide == best, (seed, wide, best, score)
+        greedy = greedy_search(lm.step, None, 1, lm.bos, lm.eos, 4)[0]
+        width_matters += greedy != best
+        penalty_matters += brute_force_best(lm.table, 4, 0.0 if alpha else 1.0)[1] != best
+    assert width_matters >= 3 and penalty_matters >= 3, (width_matters, penalty_matters)

@@ -15,6 +15,9 @@ from evomoe.moe.losses import (
     previous_token_index,
     sequence_balance_loss,
 )
+from evomoe.moe.router import GateState, RouterContext, RouterSpec
+from evomoe.moe.routers.dts import DTSOptions, DTSRouter
+from evomoe.moe.routers.topk import TopKOptions, TopKRouter
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -147,3 +150,116 @@ def test_topk_and_dts_take_the_shared_balancing_only_when_asked():
     d = DTSRouter(spec(DTSOptions(balance="sequence", balance_weight=0.01))).train()
     aux = d(x, RouterContext(gate=GateState(tau=1.0), shape=(4, 8))).aux
     assert torch.isfinite(aux["balance"])
+
+
+# ------------------------------------------------------------------------ the bias's load, one scale for DTS
+def fixed_logits_router(cls, opts, logits_E: list[float], T: int):
+    """A router over E experts whose gate gives every one of T tokens the logits ``logits_E``."""
+    E = len(logits_E)
+    r = cls(RouterSpec(d_model=E, num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.tensor(logits_E).unsqueeze(1) * torch.eye(E)[0])
+    return r, torch.eye(E)[0].expand(T, E).clone()
+
+
+def test_topk_bias_counts_every_pair_as_load_not_only_first_choices():
+    """k = 2, logits [2, 1, 0, 0]: pairs per expert [8, 8, 0, 0], so both chosen experts are overloaded
+    (DeepSeek-V3's load: the tokens routed to e). The GShard loss keeps the first choice's fraction."""
+    r, x = fixed_logits_router(TopKRouter, TopKOptions(k=2, bias_rate=0.1), [2.0, 1.0, 0.0, 0.0], 8)
+    out = r(x, RouterContext(gate=GateState(), shape=(1, 8)))
+    assert torch.bincount(out.expert_idx_P, minlength=4).tolist() == [8, 8, 0, 0]
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0, 0.0]), -1)
+    torch.testing.assert_close(out.aux["balance"], 4 * p[0])  # f = [1, 0, 0, 0]: first choices only
+    r.on_step(0)
+    torch.testing.assert_close(r.balancer.bias_E, torch.tensor([-0.1, -0.1, 0.1, 0.1]))
+
+
+def reference_dts_balance(w_TE: torch.Tensor, sel_TE: torch.Tensor) -> torch.Tensor:
+    """The spec's l_aux = E * sum_e mean_t(w[:, e]) * mean_t(sel[:, e]), written out."""
+    T, E = w_TE.shape
+    return E * sum((w_TE[:, e].sum() / T) * (sel_TE[:, e].float().sum() / T) for e in range(E))
+
+
+def dts_routing(balance: str, bias_rate: float, x: torch.Tensor, shape, seed: int = 0):
+    """A soft-phase DTS forward (several experts per token) and its dense weights and selection."""
+    E = 4
+    opts = DTSOptions(balance=balance, bias_rate=bias_rate, balance_weight=0.01, threshold=0.05)
+    r = DTSRouter(RouterSpec(d_model=x.shape[1], num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.randn(E, x.shape[1], generator=torch.Generator().manual_seed(7)))
+    torch.manual_seed(seed)
+    out = r(x, RouterContext(gate=GateState(tau=2.0), shape=shape))
+    w = torch.zeros(x.shape[0], E)
+    w[out.token_idx_P, out.expert_idx_P] = out.weight_P.detach()
+    return r, out, w, w > 0
+
+
+@pytest.mark.parametrize("balance", ["batch", "sequence", "global"])
+def test_dts_balance_is_the_reference_in_every_mode_with_and_without_bias(balance):
+    """One sequence, one micro-batch: every mode is the spec's l_aux, and a bias that moves nothing yet
+    (rate 1e-9, bias 0) leaves it unchanged (it once divided it by the mean experts per token)."""
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(3))
+    values = []
+    for rate in (0.0, 1e-9):
+        _, out, w, sel = dts_routing(balance, rate, x, (1, 24))
+        assert sel.sum(1).float().mean() > 1.5  # the soft phase: the case where the scales differed
+        torch.testing.assert_close(out.aux["balance"], reference_dts_balance(w, sel))
+        values.append(out.aux["balance"])
+    torch.testing.assert_close(values[0], values[1])
+
+
+def test_dts_sequence_and_global_balance_on_the_reference_scale():
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(4))
+    _, out, w, sel = dts_routing("sequence", 1e-9, x, (3, 8))
+    per_seq = [reference_dts_balance(w[i * 8 : (i + 1) * 8], sel[i * 8 : (i + 1) * 8]) for i in range(3)]
+    torch.testing.assert_close(out.aux["balance"], torch.stack(per_seq).mean())
+    # global: f over the step's tokens so far, P over the current micro-batch
+    r, _, _, sel1 = dts_routing("global", 1e-9, x[:16], (2, 8))
+    torch.manual_seed(1)
+    second = r(x[16:], RouterContext(gate=GateState(tau=2.0), shape=(1, 8)))
+    w2 = torch.zeros(8, 4)
+    w2[second.token_idx_P, second.expert_idx_P] = second.weight_P.detach()
+    f = torch.cat([sel1, w2 > 0]).float().mean(0)
+    torch.testing.assert_close(second.aux["balance"], 4 * (f * w2.mean(0)).sum())
+
+
+@pytest.mark.parametrize("router", ["topk", "stat_topk"])
+def test_global_balance_and_bias_add_up_three_micro_batches(router):
+    """Three micro-batches of one step with different routing: the third's f counts all three (added, not
+    overwritten by the last), and the bias moves by the load of the whole step. With two micro-batches
+    overwriting and adding agree; with three they differ (checked, so the fixture keeps that power)."""
+    from evomoe.moe.routers.stat_topk import StatTopkOptions, StatTopkRouter
+
+    E, D = 4, 6
+    if router == "topk":  # f: first choices per token; load: both choices
+        cls, opts = TopKRouter, TopKOptions(k=2, balance="global", bias_rate=0.1)
+    else:  # f: the share of pairs; load: the same pairs
+        cls, opts = StatTopkRouter, StatTopkOptions(balance="global", bias_rate=0.1)
+    r = cls(RouterSpec(d_model=D, num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.randn(E, D, generator=torch.Generator().manual_seed(0)))
+    assign, load, auxes, probs = [], [], [], []
+    for i, (T, shift) in enumerate([(12, 0), (8, 1), (10, 3)]):  # each micro-batch favours other experts
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(10 + i)) + shift * r.gate.weight[shift]
+        out = r(x, RouterContext(gate=GateState(), shape=(1, T)))
+        pairs = torch.zeros(T, E)
+        pairs[out.token_idx_P, out.expert_idx_P] = 1.0
+        load.append(pairs)
+        first = torch.nn.functional.one_hot(torch.softmax(r.gate(x), -1).argmax(-1), E).float()
+        assign.append(first if router == "topk" else pairs)
+        probs.append(torch.softmax(r.gate(x), -1).detach())
+        auxes.append(out.aux["balance"].detach())
+
+    def f_of(parts):
+        a = torch.cat(parts)
+        return a.mean(0) if router == "topk" else a.sum(0) / a.sum()
+
+    added, overwritten = f_of(assign), f_of(assign[1:])
+    assert not torch.allclose(added, overwritten, atol=1e-3)
+    torch.testing.assert_close(auxes[2], E * (added * probs[2].mean(0)).sum())
+    step_load, last_load = torch.cat(load).sum(0), load[2].sum(0)
+    error_sign = lambda x: torch.sign(x.mean() - x)  # noqa: E731
+    assert not torch.equal(error_sign(step_load), error_sign(last_load))
+    r.on_step(0)
+    want = bias_update_reference([0.0] * E, step_load.tolist(), 0.1)
+    torch.testing.assert_close(r.balancer.bias_E, torch.tensor(want))

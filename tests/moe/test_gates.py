@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -157,6 +159,54 @@ def test_stat_topk_router_about_k_experts_and_never_none():
     assert 5.0 < per_token.float().mean() < 11.0  # target 8 of 32, a rough Gaussian fit
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_stat_topk_shifted_min_keep_expert_has_a_positive_weight(renormalize):
+    """E 16, k 2, logits [0] * 15 + [-10]: no expert passes the threshold, min_keep keeps expert 0 (the
+    first of the ties). Its shifted weight ReLU(z - theta) is 0: the token takes softmax weights instead,
+    positive, and (not renormalised) with a gradient to the gate."""
+    E = 16
+    opts = StatTopkOptions(k=2.0, weights="shifted", min_keep=1, renormalize=renormalize)
+    r = StatTopkRouter(RouterSpec(d_model=E, num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[:, 0] = torch.tensor([0.0] * 15 + [-10.0])
+    x = torch.eye(E)[0].expand(4, E).clone()  # every token's logits: [0] * 15 + [-10]
+    out = r(x, ctx())
+    assert out.expert_idx_P.tolist() == [0, 0, 0, 0]
+    p0 = torch.softmax(torch.tensor([0.0] * 15 + [-10.0]), -1)[0]
+    torch.testing.assert_close(out.weight_P.detach(), torch.full((4,), 1.0 if renormalize else float(p0)))
+    out.weight_P.sum().backward()
+    assert (r.gate.weight.grad.abs().sum() > 0) != renormalize  # a lone renormalised expert: weight 1
+
+
+@pytest.mark.parametrize("min_keep", [1, 2])
+@pytest.mark.parametrize("dist", ["normal", "cauchy"])
+def test_stat_topk_shifted_weights_follow_the_formula_and_are_never_zero(dist, min_keep):
+    """Heavy-tailed logit rows often leave fewer than min_keep experts above theta. Rows with enough
+    survivors keep Spark's ReLU(z - theta), the others take p; with min_keep = 1 the kept expert is the
+    token's best, so p >= 1/E: never 0 (it was for 42 of 4096 Gaussian and 852 of 4096 Cauchy rows)."""
+    E, T = 16, 4096
+    opts = StatTopkOptions(k=2.0, weights="shifted", min_keep=min_keep)
+    r = StatTopkRouter(RouterSpec(d_model=E, num_experts=E, options=opts)).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(E))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(T, E, generator=g) if dist == "normal" else torch.empty(T, E).cauchy_(generator=g)
+    out = r(z, ctx())
+    assert (torch.bincount(out.token_idx_P, minlength=T) >= min_keep).all()
+    w = dense(out, T, E)
+    quantile = statistics.NormalDist().inv_cdf(1 - 2 / E)
+    theta = z.mean(-1, keepdim=True) + z.std(-1, keepdim=True, unbiased=False) * quantile
+    enough = (z > theta).sum(-1) >= min_keep
+    assert enough.any() and (~enough).any()
+    kept = torch.zeros(T, E, dtype=torch.bool)
+    kept[out.token_idx_P, out.expert_idx_P] = True
+    torch.testing.assert_close(w[enough], (torch.relu(z - theta) * kept)[enough])
+    torch.testing.assert_close(w[~enough], (torch.softmax(z, -1) * kept)[~enough])
+    if min_keep == 1:
+        assert (out.weight_P > 0).all()
+
+
 # ---------------------------------------------------------------------------------------------- act DTS
 def test_act_dts_identity_is_the_dts_gate():
     x = torch.randn(20, D)
@@ -220,6 +270,56 @@ def test_remoe_lambda_grows_while_dense_and_shrinks_when_sparse():
     r.on_step(0)
     assert float(r.lam) == pytest.approx(1e-8 * 1.2)
     assert r.loss_weights()["l1"] == pytest.approx(1e-8 * 1.2)
+
+
+def remoe_layers(scope: str) -> list[ReMoERouter]:
+    """Two ReMoE layers built as a model builds them (``link`` once both exist): layer 0 dense (most
+    logits positive), layer 1 sparse (most negative)."""
+    routers = [make(ReMoERouter, ReMoEOptions(k=1, lambda_scope=scope), E=4, layer=i) for i in range(2)]
+    for r, shift in zip(routers, (0.2, -0.2)):
+        r.gate.weight.data.add_(shift)  # every logit moves by shift * sum(x)
+    for r in routers:
+        r.link(routers)
+    return routers
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_remoe_lambda_per_layer_or_one_for_the_model(scope):
+    """``layer``: each lambda follows its own layer's sparsity (here one rises, one falls); ``model`` (the
+    source's): one lambda, moved by the sparsity of the layers' pairs together."""
+    routers = remoe_layers(scope)
+    x = torch.ones(32, D) + 0.1 * torch.randn(32, D)
+    pairs = [int(r(x, ctx()).token_idx_P.numel()) for r in routers]
+    assert pairs[0] > 32 > pairs[1]  # layer 0 denser than 1 of 4 experts, layer 1 sparser
+    for r in routers:
+        r.on_step(0)
+    lams = [float(r.lam) for r in routers]
+    if scope == "layer":
+        assert lams == pytest.approx([1e-8 * 1.2, 1e-8 / 1.2])
+    else:
+        want = adapt_lambda(1e-8, 1.2, 0.75, 1.0 - sum(pairs) / (2 * 32 * 4))
+        assert lams == pytest.approx([want, want]) and want != 1e-8
+    assert all(float(r.step_pairs) == 0 and float(r.step_slots) == 0 for r in routers)
+
+
+def test_remoe_model_scope_links_every_layer_of_a_spawned_model():
+    from evomoe.evolve import spawn_model
+    from evomoe.models import GPT
+
+    cfg = Config()
+    m = cfg.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len, m.d_ff = 30, 16, 3, 2, 8, 32
+    cfg.router.name = "remoe"
+    cfg.router.remoe.lambda_scope = "model"
+    model = GPT(m, cfg.moe)
+    spawn_model(model, cfg, torch.Generator().manual_seed(0))
+    routers = [layer.router for layer in model.moe_layers()]
+    assert len(routers) == 3 and all(r.group == routers for r in routers)
+    assert all(
+        set(r.state_dict())
+        == {"gate.weight", "lam", "step_pairs", "step_slots", "balancer.bias_E", "balancer.step_counts_E"}
+        for r in routers
+    )
 
 
 # ---------------------------------------------------------------------------------------------- state

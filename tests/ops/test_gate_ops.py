@@ -69,6 +69,17 @@ def test_stat_topk_matches_reference_and_min_keep():
     flat = torch.zeros(3, 8)  # std 0: nothing passes the threshold, min_keep keeps the first maximum
     assert stat_topk_mask(flat, 2).sum() == 0
     assert torch.equal(stat_topk_mask(flat, 2, min_keep=1).sum(-1), torch.ones(3, dtype=torch.long))
+    assert stat_topk_mask(flat, 2, min_keep=1)[:, 0].all()
+
+
+@pytest.mark.parametrize("min_keep", [1, 2, 3])
+def test_stat_topk_min_keep_breaks_ties_by_the_lowest_index(min_keep):
+    """Rows full of ties (torch.topk returns any of the tied indices): min_keep keeps the first ones, as
+    the reference does; the issue's row [0] * 15 + [-10] keeps expert 0."""
+    row = torch.tensor([[0.0] * 15 + [-10.0]])
+    assert stat_topk_mask(row, 2, min_keep=1)[0].nonzero().flatten().tolist() == [0]
+    x = torch.randint(0, 3, (500, 16), generator=torch.Generator().manual_seed(min_keep)).float()
+    assert torch.equal(stat_topk_mask(x, 2, min_keep), stat_topk_reference(x, 2, min_keep))
 
 
 def test_smooth_step_ends_and_middle():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from evomoe.models.encoder import MaskedLM
 from evomoe.moe.router import GateState
 from evomoe.tasks.base import Batch, EvalContext
 from evomoe.tasks.mlm import MLMTask
-from evomoe.tasks.mt import MTTask
+from evomoe.tasks.mt import MTTask, pair_to_batch
 
 
 def small_cfg(tmp_path, task: str, seq_len=32) -> Config:
@@ -141,3 +142,49 @@ def test_loss_of_split_batch_averages_to_the_full_batch(tmp_path, mlm_task, whic
     full = task.loss(model(**batch.inputs, gate=GateState()), batch)
     parts = [task.loss(model(**h.inputs, gate=GateState()), h) for h in halves]
     torch.testing.assert_close((parts[0] + parts[1]) / 2, full)
+
+
+def test_mt_loss_is_label_smoothed_cross_entropy_over_the_real_targets(tmp_path):
+    """The value of the MT loss against label-smoothed cross-entropy written out independently: over the
+    target positions that hold a token (padding neither in the sum nor in the count), eps = 0.1."""
+    task = mt_task(tmp_path)
+    lengths = np.array([len(t) for t in task.data.train_tgt])
+    order = np.argsort(lengths, kind="stable")
+    index = np.concatenate([order[:4], order[-4:]])  # the shortest and longest targets: much padding
+    batch = pair_to_batch(task._pairs(task.data.train_src, task.data.train_tgt, index))
+    torch.manual_seed(0)
+    model = EncoderDecoder(task.cfg.model, task.cfg.moe)
+    out = model(**batch.inputs, gate=GateState())
+    real_BT = batch.inputs["tgt_valid_BT"]
+    assert (~real_BT).sum() > 0.25 * real_BT.numel()
+    logp_BTV = torch.log_softmax(out.logits.detach().double(), -1)
+    eps, V = task.opts.label_smoothing, logp_BTV.shape[-1]
+    assert eps > 0
+    target_BT = batch.targets["targets_BT"]
+    total, count = 0.0, 0
+    for b, t in real_BT.nonzero().tolist():
+        y = int(target_BT[b, t])
+        total += -(1 - eps) * float(logp_BTV[b, t, y]) - eps / V * float(logp_BTV[b, t].sum())
+        count += 1
+    torch.testing.assert_close(
+        task.loss(out, batch).double(), torch.tensor(total / count, dtype=torch.float64)
+    )
+
+
+def test_mlm_random_replacements_are_ordinary_tokens_and_cover_the_vocabulary(mlm_task):
+    """The 10% random replacements come from the text vocabulary: never <pad>, <mask>, <s>, </s>, and
+    (over ~1000 draws from 256 byte ids) most of it is drawn."""
+    tok = mlm_task.tokenizer
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, tok.num_normal, (64, 255), generator=g)
+    replaced = []
+    for step in range(4):
+        batch = mlm_task.masked(text, seed=0, step=step)
+        inputs, targets = batch.inputs["tokens_BS"], batch.targets["targets_BS"]
+        random = (targets != -100) & (inputs != tok.mask_id) & (inputs != targets)
+        replaced.append(inputs[random])
+    replaced = torch.cat(replaced)
+    assert replaced.numel() > 600
+    specials = {tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id}
+    assert not set(replaced.tolist()) & specials and int(replaced.max()) < tok.num_normal
+    assert len(set(replaced.tolist())) > 0.85 * tok.num_normal

@@ -59,7 +59,11 @@ def test_budget_run_stops_at_the_budget_and_resumes_bitwise(tmp_path, evomoe_cac
     lrs = [r["lr"] for r in rows[5:]]
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.2 * 3e-3
 
-    train(budget_cfg(), tmp_path / "cut", env, stop_after=5)
+    # cut after step 9: the warmup (5 steps) is over, so the cosine's start is recorded and must be restored
+    train(budget_cfg(), tmp_path / "cut", env, stop_after=9)
+    (ckpt,) = (tmp_path / "cut" / "checkpoints").glob("step_*")
+    cut = torch.load(ckpt / "trainer.pt", weights_only=False)
+    assert cut["schedules"]["lr"]["start_flops"] == rows[4]["flops"]  # the FLOPs after the 5 warmup steps
     resumed = train(budget_cfg(), tmp_path / "cut", env, resume=True)
     got = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
     assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in rows]

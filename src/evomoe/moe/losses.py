@@ -47,38 +47,66 @@ def entropy_T(prob_TE: torch.Tensor) -> torch.Tensor:
 # sequence structure they need. Legend adds: B sequences, S positions (T = B*S), C chunks, L chunk length.
 
 
-def load_fractions(assign_TE: torch.Tensor, valid_T=None, extra_counts_E=None) -> torch.Tensor:
-    """f_e: share of the selected (token, expert) pairs that went to e (sums to 1); no gradient.
+def load_fractions(
+    assign_TE: torch.Tensor,
+    valid_T=None,
+    extra_counts_E=None,
+    per_token: bool = False,
+    extra_tokens=None,
+) -> torch.Tensor:
+    """f_e, no gradient. ``per_token`` False: the share of the assigned (token, expert) pairs that went to e
+    (sums to 1); True: the mean over valid tokens of assign[:, e] (sums to the mean number of assigned
+    experts per token: Switch/GShard's fraction of tokens whose first choice is e, DTS's mean selection).
 
-    ``extra_counts_E``: pairs counted earlier in the same step (other micro-batches), added in.
+    ``extra_counts_E`` (and, per token, ``extra_tokens``): assignments (tokens) counted earlier in the same
+    step (other micro-batches), added in.
     """
     a = assign_TE.detach().float()
+    if per_token and extra_counts_E is None:
+        return masked_mean_T(a, valid_T)
     if valid_T is not None:
         a = a * valid_T.unsqueeze(1)
     counts_E = a.sum(0)
     if extra_counts_E is not None:
         counts_E = counts_E + extra_counts_E
-    return counts_E / counts_E.sum().clamp_min(1.0)
+    if not per_token:
+        return counts_E / counts_E.sum().clamp_min(1.0)
+    tokens = a.new_tensor(float(a.shape[0])) if valid_T is None else valid_T.float().sum()
+    if extra_tokens is not None:
+        tokens = tokens + extra_tokens
+    return counts_E / tokens.clamp_min(1.0)
 
 
-def balance_loss(prob_TE: torch.Tensor, assign_TE: torch.Tensor, valid_T=None, extra_counts_E=None):
-    """E * sum_e f_e * P_e with f the load fractions and P the mean probability over valid tokens.
+def balance_loss(
+    prob_TE: torch.Tensor,
+    assign_TE: torch.Tensor,
+    valid_T=None,
+    extra_counts_E=None,
+    per_token: bool = False,
+    extra_tokens=None,
+) -> torch.Tensor:
+    """E * sum_e f_e * P_e with f the load fractions (``load_fractions``) and P the mean probability over
+    valid tokens.
 
-    Equals 1 at uniform P for any load (the Sigma-MoE failure mode: a uniform-looking router satisfies it
-    without balancing anything), and its minimum 1 at a uniform load.
+    With f a share of pairs it equals 1 at uniform P for any load (the Sigma-MoE failure mode: a
+    uniform-looking router satisfies it without balancing anything), and its minimum 1 at a uniform load;
+    per token it is that value times the mean number of assigned experts per token.
     """
     E = prob_TE.shape[1]
-    f_E = load_fractions(assign_TE, valid_T, extra_counts_E).to(prob_TE.dtype)
+    f_E = load_fractions(assign_TE, valid_T, extra_counts_E, per_token, extra_tokens).to(prob_TE.dtype)
     return E * (f_E * masked_mean_T(prob_TE, valid_T)).sum()
 
 
-def sequence_balance_loss(prob_TE, assign_TE, shape: tuple[int, int], valid_T=None) -> torch.Tensor:
+def sequence_balance_loss(
+    prob_TE, assign_TE, shape: tuple[int, int], valid_T=None, per_token: bool = False
+) -> torch.Tensor:
     """``balance_loss`` inside each sequence, averaged over the sequences that hold a valid token."""
     B, S = shape
     E = prob_TE.shape[1]
     v_BS = torch.ones(B, S, device=prob_TE.device) if valid_T is None else valid_T.view(B, S).float()
     a_BSE = assign_TE.detach().float().view(B, S, E) * v_BS.unsqueeze(-1)
-    f_BE = a_BSE.sum(1) / a_BSE.sum((1, 2)).clamp_min(1.0).unsqueeze(1)
+    per_B = v_BS.sum(1) if per_token else a_BSE.sum((1, 2))
+    f_BE = a_BSE.sum(1) / per_B.clamp_min(1.0).unsqueeze(1)
     p_BE = (prob_TE.view(B, S, E) * v_BS.unsqueeze(-1)).sum(1) / v_BS.sum(1, keepdim=True).clamp_min(1.0)
     per_seq_B = E * (f_BE.to(prob_TE.dtype) * p_BE).sum(1)
     has_B = (v_BS.sum(1) > 0).to(prob_TE.dtype)

@@ -11,6 +11,7 @@ it needs instead of the trainer knowing its name:
   ``"token_counts"`` (training-set frequency of each token id, in ``RouterSpec.token_counts``);
 - ``dense_to_sparse``: it has a soft phase driven by the ``[gate]`` temperature schedule (``GateState``);
 - ``on_step(step)``: called after every optimizer step (bias updates, adaptive coefficients, hardening);
+- ``link(routers)``: called once all the model's routers exist (state shared across layers);
 - ``loss_weights()``: the coefficient of each aux loss it returns (losses come unscaled);
 - ``export_routing(hard)``: its evaluation routing as a softmax top-k (for export to transformers).
 State that must survive a checkpoint lives in parameters or persistent buffers.
@@ -121,6 +122,10 @@ class Router(nn.Module):
 
     def on_step(self, step: int) -> None:
         """Called after optimizer step ``step`` (0-based) of training; default: nothing."""
+
+    def link(self, routers: list[Router]) -> None:
+        """Called once every MoE layer of the model has its router (``routers``, in layer order, this one
+        among them), for state that spans layers (ReMoE's model-wide lambda); default: nothing."""
 
     def export_routing(self, hard: bool) -> tuple[int, bool]:
         """Evaluation routing as ``softmax(x W_g)``, top-k, weights renormalised or not: (k, renormalised),

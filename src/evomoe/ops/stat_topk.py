@@ -26,20 +26,25 @@ def stat_topk_threshold(x_RD: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def stat_topk_mask(x_RD: torch.Tensor, k: float, min_keep: int = 0) -> torch.Tensor:
-    """[R, D] bool: x > theta; with ``min_keep`` = 1 a row's largest value always survives (ties: first)."""
+    """[R, D] bool: x > theta; and a row's ``min_keep`` largest values always survive (ties: the lowest
+    index: argmax documents it, a stable sort keeps it; ``torch.topk`` returns any of the tied indices)."""
     keep = x_RD > stat_topk_threshold(x_RD, k)
-    if min_keep > 0:
-        top = torch.zeros_like(keep).scatter_(1, x_RD.topk(min_keep, dim=-1).indices, True)
-        keep = keep | top
-    return keep
+    if min_keep == 1:  # linear time, as the threshold
+        top_RM = x_RD.argmax(dim=-1, keepdim=True)
+    elif min_keep > 1:
+        top_RM = x_RD.sort(dim=-1, descending=True, stable=True).indices[:, :min_keep]
+    else:
+        return keep
+    return keep | torch.zeros_like(keep).scatter_(1, top_RM, True)
 
 
-def stat_topk_reference(x_RD: torch.Tensor, k: float) -> torch.Tensor:
+def stat_topk_reference(x_RD: torch.Tensor, k: float, min_keep: int = 0) -> torch.Tensor:
     """Row by row with the standard library's statistics (the slow twin of ``stat_topk_mask``)."""
     D = x_RD.shape[-1]
     z = normal_quantile(1.0 - k / D)
     rows = []
     for row in x_RD.double().tolist():
         theta = statistics.fmean(row) + statistics.pstdev(row) * z
-        rows.append([v > theta for v in row])
+        first = sorted(range(D), key=lambda d: (-row[d], d))[:min_keep]
+        rows.append([v > theta or d in first for d, v in enumerate(row)])
     return torch.tensor(rows, dtype=torch.bool)

@@ -29,7 +29,7 @@ class DTSOptions:
     combine: str = "clean"  # clean: softmax(z) masked; noisy: the tempered noisy weights y masked
     balance_weight: float = 0.0
     gumbel: bool = True
-    balance: str = "batch"  # batch: the reference l_aux; none | sequence | global: moe/balance.py on (w, sel)
+    balance: str = "batch"  # none | batch | sequence | global: each with the reference l_aux's f (mean sel)
     bias_rate: float = 0.0  # aux-loss-free: a bias on the scores that select (combine = clean only); 0: off
 
     def validate(self, cfg, prefix: str) -> None:
@@ -58,7 +58,7 @@ class DTSRouter(Router):
         o = self.cfg
         needed = o.bias_rate > 0 or o.balance != "batch"  # else the state dict of earlier releases
         opts = BalanceOptions(o.balance, o.balance_weight, 0.0, o.bias_rate)
-        self.balancer = Balancer(spec.num_experts, opts) if needed else None
+        self.balancer = Balancer(spec.num_experts, opts, per_token=True) if needed else None
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight}

@@ -4,9 +4,14 @@ R = ReLU(W x) (float32, no softmax, no top-k): expert e runs for a token when R_
 Aux ``l1`` (unscaled) = mean over valid tokens of sum_e f_e R_e with f_e = E / (k T) * (tokens routed to e)
 (no gradient through f). Its coefficient adapts after every optimizer step:
 lambda <- lambda * alpha^sign(target - sparsity), target = 1 - k/E, sparsity = 1 - pairs / (T E) of the
-step; so training goes dense warm-up -> sparsifying -> about k experts per token. lambda and the step's
-counts are persistent buffers. The gate starts N(0, 0.02) (a zero gate would route nothing and never
-learn). Shared ``balance`` / ``z`` as well (balance.py; off by default, the L1 term already balances).
+step; so training goes dense warm-up -> sparsifying -> about k experts per token. ``lambda_scope``:
+``model`` (the source's, default): one lambda for the model, driven by the sparsity of all layers together
+(the model's l1 is the mean of the layers', as every aux loss here), so the model's mean is about k and
+each layer finds its own density; ``layer``: every layer has its own lambda, driven by its own sparsity,
+so each layer settles at about k (measured in docs/routers.md: the source's choice had the lower loss).
+lambda and the step's counts are persistent buffers (with ``model`` each layer holds the same lambda).
+The gate starts N(0, 0.02) (a zero gate would route nothing and never learn). Shared ``balance`` / ``z`` as
+well (balance.py; off by default, the L1 term already balances).
 Legend: T tokens, D width, E experts, P pairs.
 """
 
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import check
+from ...config import check, choice
 from ...registry import ROUTERS
 from ..balance import BalanceOptions, Balancer, balance_weights, experts_if_selected
 from ..router import Router, RouterContext, RouterSpec, Routing, pairs_from_mask
@@ -28,6 +33,7 @@ class ReMoEOptions(BalanceOptions):
     k: float = 1.0  # target experts per token
     alpha: float = 1.2
     lambda_init: float = 1e-8
+    lambda_scope: str = "model"  # model: one lambda for all layers (the source) | layer: one per layer
     balance_weight: float = 0.0
 
     supports_bias = False
@@ -38,6 +44,7 @@ class ReMoEOptions(BalanceOptions):
         check(0 < self.k <= E, f"{prefix}.k", self.k, f"must be in (0, num_experts={E}]")
         check(self.alpha >= 1.0, f"{prefix}.alpha", self.alpha, "must be >= 1")
         check(self.lambda_init > 0, f"{prefix}.lambda_init", self.lambda_init, "must be > 0")
+        choice(f"{prefix}.lambda_scope", self.lambda_scope, ("layer", "model"))
 
 
 def remoe_l1(r_TE: torch.Tensor, sel_TE: torch.Tensor, k: float, valid_T=None) -> torch.Tensor:
@@ -65,6 +72,11 @@ class ReMoERouter(Router):
         self.register_buffer("lam", torch.tensor(self.opts.lambda_init, dtype=torch.float64))
         self.register_buffer("step_pairs", torch.zeros((), dtype=torch.float64))
         self.register_buffer("step_slots", torch.zeros((), dtype=torch.float64))
+        self.group: list[ReMoERouter] = [self]  # the routers that share lambda (``link``)
+
+    def link(self, routers: list) -> None:
+        if self.opts.lambda_scope == "model":
+            self.group = [r for r in routers if isinstance(r, ReMoERouter)]
 
     def loss_weights(self) -> dict[str, float]:
         return {"l1": float(self.lam), **balance_weights(self.opts)}
@@ -88,10 +100,17 @@ class ReMoERouter(Router):
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
-        if float(self.step_slots) > 0:
-            sparsity = 1.0 - float(self.step_pairs) / float(self.step_slots)
-            target = 1.0 - min(self.opts.k, self.num_experts) / self.num_experts
-            self.lam.fill_(adapt_lambda(float(self.lam), self.opts.alpha, target, sparsity))
-        self.step_pairs.zero_()
-        self.step_slots.zero_()
+        """The group's first router adapts every member's lambda from the group's pairs of the step (the
+        trainer calls every layer's hook after each step); the others only move their balancing state."""
+        if self.group[0] is self:
+            pairs = sum(float(r.step_pairs) for r in self.group)
+            slots = sum(float(r.step_slots) for r in self.group)
+            if slots > 0:
+                target = 1.0 - min(self.opts.k, self.num_experts) / self.num_experts
+                lam = adapt_lambda(float(self.lam), self.opts.alpha, target, 1.0 - pairs / slots)
+                for r in self.group:
+                    r.lam.fill_(lam)
+            for r in self.group:
+                r.step_pairs.zero_()
+                r.step_slots.zero_()
         self.balancer.on_step()

@@ -47,6 +47,13 @@ def second_choice(z_TE: torch.Tensor, p_TE: torch.Tensor, first_T: torch.Tensor,
     return second_T, keep_T
 
 
+def chosen_pairs(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """[T, E] how many of each token's kept choices (before capacity) went to each expert."""
+    kept_TK = torch.ones_like(expert_TK, dtype=torch.float32) if keep_TK is None else keep_TK.float()
+    out_TE = torch.zeros(expert_TK.shape[0], num_experts, device=expert_TK.device)
+    return out_TE.scatter_add_(1, expert_TK, kept_TK)
+
+
 @dataclass
 class TopKOptions:
     k: int = 1
@@ -55,7 +62,7 @@ class TopKOptions:
     renormalize: bool = True  # k >= 2: weights divided by their sum over the chosen experts
     aux_weight: float = 0.01
     z_loss_weight: float = 0.0
-    balance: str = "batch"  # none | batch | sequence | global (moe/balance.py; f from the first choice)
+    balance: str = "batch"  # none | batch | sequence | global (moe/balance.py; f: first choices per token)
     bias_rate: float = 0.0  # aux-loss-free selection bias step (DeepSeek-V3: 0.001); 0: off
 
     def validate(self, cfg, prefix: str) -> None:
@@ -87,7 +94,7 @@ class TopKRouter(Router):
         o = self.cfg
         # only when asked for: the plain Switch / GShard state dict stays that of earlier releases
         needed = o.bias_rate > 0 or o.balance in ("sequence", "global", "none")
-        self.balancer = Balancer(spec.num_experts, balance_options(o)) if needed else None
+        self.balancer = Balancer(spec.num_experts, balance_options(o), per_token=True) if needed else None
 
     def loss_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.aux_weight, "z": self.cfg.z_loss_weight}
@@ -137,6 +144,7 @@ class TopKRouter(Router):
         if ctx.valid_T is not None:
             valid_TK = ctx.valid_T.unsqueeze(1).expand_as(expert_TK)
             keep_TK = valid_TK if keep_TK is None else keep_TK & valid_TK
+        chosen_TK = keep_TK  # the choices the selection made (the bias's load), before capacity
         if self.cfg.capacity_factor > 0:
             keep_TK = torch.ones_like(expert_TK, dtype=torch.bool) if keep_TK is None else keep_TK
             wanted = keep_TK.sum()
@@ -154,8 +162,9 @@ class TopKRouter(Router):
                 "balance": load_balance_loss(p_TE, first_TE, ctx.valid_T),
                 "z": router_z_loss(z_TE, ctx.valid_T),
             }
-        else:
-            aux = self.balancer.losses(p_TE, first_TE, z_TE, ctx.valid_T, ctx.shape)
+        else:  # the loss's f counts first choices (Switch/GShard), the bias's load every chosen pair
+            load_TE = chosen_pairs(expert_TK, chosen_TK, E)
+            aux = self.balancer.losses(p_TE, first_TE, z_TE, ctx.valid_T, ctx.shape, load_TE)
         fixed_k = self.cfg.k if keep_TK is None else None
         return Routing(
             token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), dropped=dropped, fixed_k=fixed_k
