@@ -51,7 +51,9 @@ RUN_FILES = (
     "report.md",
     "results.json",
     "tokenizer.json",
+    "source_model.json",
     "tensorboard",
+    "translations",
 )
 
 
@@ -78,7 +80,11 @@ def check_resume_compatible(saved: Config, new: Config) -> None:
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; make sure it is writable before any work starts."""
+    """Refuse to mix two runs in one directory; make sure it can be written before any work starts.
+
+    The check leaves no trace: directories it had to create for the probe are removed again, and the run
+    creates ``out`` when it writes its first file (``run_training``), so a run that fails while loading its
+    data or building its model leaves nothing behind."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out '{out}' exists and is not a directory")
     existing = [n for n in RUN_FILES if (out / n).exists()]
@@ -87,6 +93,7 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             f"--out '{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it, "
             "--overwrite to replace it, or choose another directory"
         )
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -94,6 +101,14 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise CLIError(f"--out '{out}' is not writable: {e.strerror or e}") from None
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except FileNotFoundError:  # the probe failed before creating it
+                continue
+            except OSError:
+                break
     if overwrite and not resume:
         for n in existing:
             p = out / n

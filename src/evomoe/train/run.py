@@ -32,6 +32,7 @@ def run_training(
         log(f"no checkpoint in '{out}/checkpoints': starting a new run")
         for name in ("metrics.jsonl", "eval.jsonl"):  # rows of a run killed before its first checkpoint
             truncate_jsonl(out / name, 0)
+    out.mkdir(parents=True, exist_ok=True)  # first here: a run that failed to start leaves no directory
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
     # the run's tokenizer (tasks with one), for ``evomoe generate`` and ``evomoe export``
