@@ -1,7 +1,5 @@
-"""Command line: ``evomoe train | eval | compare | sweep | export | generate``.
-
-The only module that reads argv and the environment."""
-
+# Command line: evomoe train | eval | compare | sweep | config | export | generate.
+# The only module that reads argv and the environment (the parsers of compare and sweep live beside them).
 from __future__ import annotations
 
 import os
@@ -22,8 +20,10 @@ from .config import (
     apply_overrides,
     config_from_dict,
     load_config,
+    preset_names,
     split_overrides,
     to_dict,
+    to_toml,
 )
 from .errors import CLIError
 from .parallel.env import world_info
@@ -287,11 +287,41 @@ def add_inference_parsers(sub) -> None:
     g.add_argument("--ids", action="store_true", help="print the token ids as JSON instead of the text")
 
 
+DESCRIPTION = (
+    "Train Mixture-of-Experts models the EvoMoE way (one expert, then diverse experts spawned from it, then "
+    "a dense-to-sparse gate), compare routers, evaluate, export to Hugging Face transformers, generate."
+)
+EPILOG = (
+    "'evomoe COMMAND --help' lists a command's options. A config is a TOML file or a preset; any field can "
+    "be overridden with --section.field=value; 'evomoe config PRESET' prints every field."
+)
+
+
+def config_help() -> str:
+    return f"a TOML file or a preset: {', '.join(preset_names())}"
+
+
+def cmd_config(args, extra: list[str]) -> int:
+    """Print the resolved config: every field of every table, as TOML that loads back to an equal config."""
+    overrides = split_overrides(extra)
+    cfg = load_config(args.config, overrides)
+    if cfg.model.init_from:  # the model's shape from its directory, as training would resolve it
+        from .train.pretrained import resolve_pretrained  # noqa: PLC0415
+
+        resolve_pretrained(cfg)
+    command = " ".join(["evomoe config", args.config, *overrides])
+    print(f"# {command}\n# every field; '# default: ...' marks a value that differs from the default\n")
+    print(to_toml(cfg, Config()), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evomoe", description=__doc__)
+    p = argparse.ArgumentParser(prog="evomoe", description=DESCRIPTION, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model; extra --section.field=value flags override the config")
-    t.add_argument("config", nargs="?", help="a TOML file or a preset name (tiny, default, small)")
+    t.add_argument(
+        "config", nargs="?", help=f"{config_help()} (default: default; see every field: evomoe config PRESET)"
+    )
     t.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, report)")
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest good checkpoint"
@@ -302,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate a checkpoint (or a run directory's latest) on the validation split"
     )
     e.add_argument("checkpoint")
+    c = sub.add_parser(
+        "config", help="print a config with every field and its value (TOML); --section.field=value overrides"
+    )
+    c.add_argument("config", help=config_help())
     from .compare import add_compare_parser  # noqa: PLC0415
     from .sweep import add_sweep_parser  # noqa: PLC0415
 
@@ -319,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "config": cmd_config}
+    handlers.update(export=cmd_export, generate=cmd_generate)
     if args.command in ("compare", "sweep"):
         from .compare import cmd_compare  # noqa: PLC0415
         from .sweep import cmd_sweep  # noqa: PLC0415
