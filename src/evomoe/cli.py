@@ -250,26 +250,23 @@ def cmd_export(args, extra: list[str]) -> int:
 
 
 def cmd_generate(args, extra: list[str]) -> int:
-    import torch  # noqa: PLC0415
-
-    from .generate import generate  # noqa: PLC0415
+    from .generate import Options, check_options, run_prompt  # noqa: PLC0415
     from .train.load_run import load_run  # noqa: PLC0415
 
     if extra:
         raise CLIError(f"unexpected arguments: {' '.join(extra)}")
-    run = load_run(args.run)
-    if run.tokenizer is None:
-        raise CLIError(f"'{args.run}' has no tokenizer.json: cannot encode the prompt")
-    prompt = torch.as_tensor(run.tokenizer.encode(args.prompt), dtype=torch.long).unsqueeze(0)
+    opts = Options(
+        args.max_new_tokens, args.temperature, args.top_k, args.seed, args.beam, args.length_penalty
+    )
     try:
-        ids = generate(run.model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        check_options(opts)  # before anything is loaded
+        run = load_run(args.run)
+        if run.tokenizer is None:
+            raise CLIError(f"'{args.run}' has no tokenizer.json: cannot encode the prompt")
+        out = run_prompt(run, args.prompt, opts)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    new = ids[0, prompt.shape[1] :].tolist()
-    if args.ids:
-        print(json.dumps({"prompt_ids": prompt[0].tolist(), "new_ids": new}))
-    else:
-        print(args.prompt + run.tokenizer.decode(new))
+    print(json.dumps({"prompt_ids": out.prompt_ids, "new_ids": out.new_ids}) if args.ids else out.text)
     return 0
 
 
@@ -277,13 +274,23 @@ def add_inference_parsers(sub) -> None:
     x = sub.add_parser("export", help="write a run as a Hugging Face model directory (transformers loads it)")
     x.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
     x.add_argument("--out", required=True, help="the directory to write")
-    g = sub.add_parser("generate", help="continue a prompt with a run's model (key-value cache)")
+    g = sub.add_parser(
+        "generate",
+        help="a run's model on a prompt: a language model continues it, a translation run translates it, a "
+        "masked LM fills its <mask> tokens",
+    )
     g.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--max-new-tokens", type=int, help="LM: tokens to add (default 64); MT: the longest translation"
+    )
+    g.add_argument("--temperature", type=float, help="0: greedy / argmax (default: LM 0.8, masked LM 0)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely (default 0: all)")
+    g.add_argument("--seed", type=int, help="of the sampling (default 0)")
+    g.add_argument("--beam", type=int, help="MT: beam width, 1 = greedy (default: the run's task.mt.beam)")
+    g.add_argument(
+        "--length-penalty", type=float, help="MT: beam score / length ** this (default: the run's)"
+    )
     g.add_argument("--ids", action="store_true", help="print the token ids as JSON instead of the text")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Config, to_toml
 from ..data.tokenizer import TOKENIZER_FILE
+from ..models.hf.config import SOURCE_FILE, source_model
 from .checkpoint import write_bytes_atomic
 from .metrics import truncate_jsonl
 from .trainer import Trainer, resumable_checkpoint
@@ -36,9 +37,13 @@ def run_training(
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
     # the run's tokenizer (tasks with one), for ``evomoe generate`` and ``evomoe export``
-    tokenizer = getattr(getattr(trainer.task, "data", None), "tokenizer", None)
+    task = trainer.task  # the task's own tokenizer (with its special tokens), else its data's
+    tokenizer = getattr(task, "tokenizer", None) or getattr(getattr(task, "data", None), "tokenizer", None)
     if tokenizer is not None:
         write_bytes_atomic(out / TOKENIZER_FILE, tokenizer.to_json().encode("utf-8"))
+    if cfg.model.init_from:  # the source's special ids and context, for ``evomoe export``
+        source = json.dumps(source_model(cfg.model.init_from), indent=1) + "\n"
+        write_bytes_atomic(out / SOURCE_FILE, source.encode("utf-8"))
     result = trainer.run()
     if result["stopped"]:
         return None
