@@ -228,24 +228,38 @@ def cmd_eval(args, extra: list[str]) -> int:
 
 def cmd_export(args, extra: list[str]) -> int:
     from .models.hf.export import ExportError, plan_export, write_export  # noqa: PLC0415
-    from .train.load_run import load_run  # noqa: PLC0415
+    from .models.hf.write import check_target  # noqa: PLC0415
+    from .train.load_run import find_checkpoint, load_run  # noqa: PLC0415
 
     if extra:
         raise CLIError(f"unexpected arguments: {' '.join(extra)}")
-    run = load_run(args.run)
+    out, ck = Path(args.out), find_checkpoint(args.run)
+    overlap = out.resolve() in (ck.resolve(), *ck.resolve().parents) or ck.resolve() in out.resolve().parents
+    if overlap:
+        raise CLIError(f"--out '{out}' holds the run being exported ({ck}): choose another directory")
     try:
-        plan = plan_export(run.model, run.hard)
+        check_target(out, args.overwrite)  # before the run is loaded
     except ExportError as e:
-        raise CLIError(
-            f"cannot export '{run.checkpoint}' (step {run.step}, phase {run.phase}): {e}"
-        ) from None
-    hf_json = getattr(run.tokenizer, "hf_json", None) or getattr(run.tokenizer, "to_json", None)
-    if run.tokenizer is None or run.tokenizer.kind == "bytes":
-        print("warning: the run has no tokenizers-library tokenizer: exported without one", file=sys.stderr)
-        hf_json = None
-    out = write_export(plan, args.out, hf_json() if hf_json else None)
+        raise CLIError(str(e)) from None
+    run = load_run(ck)
+    tok = run.tokenizer
+    ids = {
+        f"{r}_token": getattr(tok, f"{r}_id")
+        for r in ("bos", "eos", "pad", "mask")
+        if hasattr(tok, f"{r}_id")
+    }
+    try:
+        plan = plan_export(run.model, run.hard, run.source, ids)
+    except ExportError as e:
+        raise CLIError(f"cannot export '{ck}' (step {run.step}, phase {run.phase}): {e}") from None
+    hf_json = getattr(tok, "hf_json", None)
+    if hf_json is None:
+        print("warning: the run has no tokenizer.json: exported without a tokenizer", file=sys.stderr)
+    write_export(plan, out, hf_json() if hf_json else None, overwrite=args.overwrite)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     kind = run.phase if run.model.spawned else "dense"
-    print(f"exported step {run.step} ({kind}) as {plan.model_type} to {out}")
+    print(f"exported step {run.step} ({kind}) as {plan.model_type} ({plan.auto_class}) to {out}")
     return 0
 
 
@@ -273,7 +287,10 @@ def cmd_generate(args, extra: list[str]) -> int:
 def add_inference_parsers(sub) -> None:
     x = sub.add_parser("export", help="write a run as a Hugging Face model directory (transformers loads it)")
     x.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
-    x.add_argument("--out", required=True, help="the directory to write")
+    x.add_argument("--out", required=True, help="the directory to write (absent or empty)")
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is not empty (all of it, at once)"
+    )
     g = sub.add_parser(
         "generate",
         help="a run's model on a prompt: a language model continues it, a translation run translates it, a "
