@@ -234,25 +234,16 @@ def cmd_export(args, extra: list[str]) -> int:
     if extra:
         raise CLIError(f"unexpected arguments: {' '.join(extra)}")
     out, ck = Path(args.out), find_checkpoint(args.run)
-    overlap = out.resolve() in (ck.resolve(), *ck.resolve().parents) or ck.resolve() in out.resolve().parents
-    if overlap:
-        raise CLIError(f"--out '{out}' holds the run being exported ({ck}): choose another directory")
     try:
-        check_target(out, args.overwrite)  # before the run is loaded
+        check_target(out, args.overwrite, keep=ck)  # before the run is loaded
     except ExportError as e:
         raise CLIError(str(e)) from None
     run = load_run(ck)
-    tok = run.tokenizer
-    ids = {
-        f"{r}_token": getattr(tok, f"{r}_id")
-        for r in ("bos", "eos", "pad", "mask")
-        if hasattr(tok, f"{r}_id")
-    }
     try:
-        plan = plan_export(run.model, run.hard, run.source, ids)
+        plan = plan_export(run.model, run.hard, run.source, run.tokenizer)
     except ExportError as e:
         raise CLIError(f"cannot export '{ck}' (step {run.step}, phase {run.phase}): {e}") from None
-    hf_json = getattr(tok, "hf_json", None)
+    hf_json = getattr(run.tokenizer, "hf_json", None)
     if hf_json is None:
         print("warning: the run has no tokenizer.json: exported without a tokenizer", file=sys.stderr)
     write_export(plan, out, hf_json() if hf_json else None, overwrite=args.overwrite)

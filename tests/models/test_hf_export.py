@@ -263,7 +263,8 @@ def test_dense_translation_model_exports_to_blenderbot(tmp_path):
             if "ln" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     bos, eos, pad = VOCAB - 2, VOCAB - 1, VOCAB - 4
-    plan = plan_export(mt, True, None, {"bos_token": bos, "eos_token": eos, "pad_token": pad})
+    tokenizer = type("Specials", (), {"bos_id": bos, "eos_id": eos, "pad_id": pad})()
+    plan = plan_export(mt, True, None, tokenizer)
     assert plan.model_type == "blenderbot" and plan.config["decoder_start_token_id"] == bos
     write_export(plan, tmp_path / "out")
     hf = tf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()

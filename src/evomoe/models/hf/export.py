@@ -197,22 +197,21 @@ PLANS = {"decoder": decoder_plan, "encoder": masked_lm_plan, "encdec": encdec_pl
 
 
 def plan_export(
-    model: nn.Module,
-    hard: bool,
-    source: dict[str, Any] | None = None,
-    special_ids: dict[str, int] | None = None,
+    model: nn.Module, hard: bool, source: dict[str, Any] | None = None, tokenizer: Any = None
 ) -> ExportPlan:
     """Which transformers class and weights reproduce ``model``; ExportError when none does. ``hard``: the
     gate's one-way hard flag at the checkpoint; ``source``: ``source_model(model.init_from)`` of an imported
-    model; ``special_ids``: the run tokenizer's bos/eos/pad/mask ids (tasks with special tokens)."""
+    model; ``tokenizer``: the run's, whose special tokens (``bos_id``, ``eos_id``, ``pad_id``, ``mask_id``:
+    masked LM, translation) the export names."""
     kind = getattr(model, "kind", "decoder")
     if kind not in PLANS:
         raise ExportError(f"a '{kind}' model has no export (models that have: {', '.join(PLANS)})")
     plan = PLANS[kind](model, hard, source)
-    for role, i in (special_ids or {}).items():  # the run's own special tokens
-        plan.special_tokens[role] = i
-        if role != "mask_token":
-            plan.config[f"{role}_id"] = i
+    for role in ("bos", "eos", "pad", "mask"):  # the run's own special tokens
+        if hasattr(tokenizer, f"{role}_id"):
+            plan.special_tokens[f"{role}_token"] = i = getattr(tokenizer, f"{role}_id")
+            if role != "mask":
+                plan.config[f"{role}_token_id"] = i
     if plan.auto_class == "AutoModelForSeq2SeqLM" and "bos_token_id" in plan.config:
         plan.config["decoder_start_token_id"] = plan.config["bos_token_id"]  # the decoder reads <s> first
     for role in ("bos_token", "eos_token", "pad_token"):

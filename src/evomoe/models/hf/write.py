@@ -22,15 +22,23 @@ import torch
 from .plan import ExportError, ExportPlan, max_positions
 
 
-def check_target(out: Path, overwrite: bool) -> None:
-    """ExportError unless ``out`` is absent, an empty directory, or (``overwrite``) a directory."""
+def check_target(out: Path, overwrite: bool, keep: Path | None = None) -> None:
+    """ExportError unless ``out`` is absent, an empty directory, or (``overwrite``) a directory that neither
+    holds nor lies inside ``keep`` (the checkpoint being exported)."""
+    if keep is not None:
+        out_, keep_ = out.resolve(), keep.resolve()
+        if out_ in (keep_, *keep_.parents) or keep_ in out_.parents:
+            raise ExportError(
+                f"--out '{out}' holds the run being exported ({keep}): choose another directory"
+            )
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out '{out}' exists and is not a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ExportError(
-            f"--out '{out}' is not empty ({len(entries)} entries: {shown}): pass --overwrite to replace it "
+            f"--out '{out}' is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
+            f"{shown}): pass --overwrite to replace it "
             "(all of it, at once), or choose another directory"
         )
 
