@@ -1,4 +1,6 @@
-"""Generation: the key-value cache gives the logits of full re-decoding, for both styles, dense and MoE."""
+"""Generation: the key-value cache gives the logits of full re-decoding, for both styles, dense and MoE;
+generation stops at an end-of-text id; ``evomoe generate`` checks its options before loading anything and
+says when a run has no checkpoint yet."""
 
 from __future__ import annotations
 
