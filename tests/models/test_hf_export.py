@@ -39,10 +39,12 @@ def roundtrip(model: GPT, out, hard: bool = True, source: dict | None = None) ->
     return plan
 
 
-def spawned(model: GPT, router: str = "dts", **topk) -> GPT:
+def spawned(model: GPT, router: str = "dts", moe: dict | None = None, **topk) -> GPT:
     cfg = Config()
     cfg.model, cfg.moe.num_experts, cfg.router.name = model.cfg, 4, router
     cfg.evolve.spawn, cfg.evolve.noise, cfg.router.gate_init = "copy", 0.5, "normal"
+    for k, v in (moe or {}).items():
+        setattr(cfg.moe, k, v)
     for k, v in topk.items():
         setattr(cfg.router.topk, k, v)
     spawn_model(model, cfg, torch.Generator().manual_seed(0), vocab_size=model.cfg.vocab_size)
@@ -78,6 +80,23 @@ def test_top1_moe_exports_to_qwen2_moe(family, router, tmp_path):
     plan = roundtrip(model, tmp_path / "out", hard=True)
     assert plan.model_type == "qwen2_moe"
     assert plan.config["num_experts_per_tok"] == 1 and not plan.config["norm_topk_prob"]
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_narrower_experts_export_to_qwen2_moe(tmp_path, renormalize):
+    """Fine-grained experts (moe.expert_width < 1): Mixtral's experts have the dense width, Qwen2-MoE's
+    their own (moe_intermediate_size)."""
+    src = save_tiny("llama", tmp_path / "src")
+    model = spawned(imported(src, moe_every=1), "topk", {"expert_width": 0.5}, k=2, renormalize=renormalize)
+    plan = roundtrip(model, tmp_path / "out")
+    assert plan.model_type == "qwen2_moe" and plan.config["moe_intermediate_size"] == 24
+
+
+def test_shared_experts_have_no_class(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    model = spawned(imported(src, moe_every=2), "topk", {"shared_experts": 1}, k=1)
+    with pytest.raises(ExportError, match="moe.shared_experts = 1: evomoe adds its shared experts ungated"):
+        plan_export(model, hard=True)
 
 
 def test_renormalised_top2_exports_to_mixtral(tmp_path):
