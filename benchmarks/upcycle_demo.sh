@@ -23,7 +23,7 @@ EVO=(--moe.num_experts=4 --model.moe_every=2 --evolve.diversify_steps=30 --evolv
 $EVOMOE train tiny "${COMMON[@]}" "${SHAPE[@]}" --moe.enabled=false --data.tokenizer=bpe \
   --data.vocab_size=1024 --train.steps=$DENSE_STEPS --out $OUT/dense --overwrite
 # 2. export it: a Llama directory with the tokenizer
-$EVOMOE export $OUT/dense --out $OUT/dense_hf
+$EVOMOE export $OUT/dense --out $OUT/dense_hf --overwrite
 # 3. import it back and upcycle it (every second MLP becomes 4 experts, copy spawn, DTS, hard top-1)
 $EVOMOE train upcycle "${COMMON[@]}" "${EVO[@]}" --model.init_from=$OUT/dense_hf --model.seq_len=64 \
   --train.steps=$EXTRA_STEPS --out $OUT/moe --overwrite
@@ -40,7 +40,7 @@ $EVOMOE train upcycle "${COMMON[@]}" "${EVO[@]}" --data.tokenizer=bpe --data.voc
 $EVOMOE train tiny "${COMMON[@]}" "${SHAPE[@]}" --moe.enabled=false --data.tokenizer=bpe \
   --data.vocab_size=1024 --train.steps=$((DENSE_STEPS + EXTRA_STEPS)) --out $OUT/dense_scratch --overwrite
 # 6. export the MoE and generate with transformers and with evomoe (greedy: the same tokens)
-$EVOMOE export $OUT/moe --out $OUT/moe_hf
+$EVOMOE export $OUT/moe --out $OUT/moe_hf --overwrite
 $EVOMOE generate $OUT/moe --prompt "def main(" --max-new-tokens 24 --temperature 0
 HF_HUB_OFFLINE=1 $PY - "$OUT/moe_hf" <<'PY'
 import sys, torch, transformers as tf

@@ -192,7 +192,24 @@ def test_bad_data_names_the_corpus_and_the_fix(cli, tmp_path):
         assert rc == 2, (name, err[-2000:])
         line = error_line(err)
         assert "data.corpus" in line and message.format(p=path) in line, (name, line)
-        assert not out.exists() or not any(out.iterdir()), name  # no run files written
+        assert not out.exists(), name  # not even an empty directory
+
+
+def test_bad_translation_data_leaves_nothing(cli, tmp_path):
+    """Data errors found while the task loads (after the config validated) create no --out either."""
+    (tmp_path / "src.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "tgt.txt").write_text("uno\ndos\n")
+    missing = tmp_path / "nowhere.txt"
+    cases = {
+        "misaligned": (tmp_path / "src.txt", "are not line-aligned: '{s}' has 3 lines but '{t}' has 2"),
+        "missing": (missing, "task.mt.source = '{s}': cannot read it (No such file or directory)"),
+    }
+    for name, (src, message) in cases.items():
+        out = tmp_path / "out" / name
+        args = [f"--task.mt.source={src}", f"--task.mt.target={tmp_path / 'tgt.txt'}", "--no-progress"]
+        rc, stdout, err = cli("train", "tiny-mt", *args, "--out", out)
+        assert rc == 2 and message.format(s=src, t=tmp_path / "tgt.txt") in error_line(err), (name, err)
+        assert not out.exists() and not (tmp_path / "out").exists(), name
 
 
 def test_unreadable_file_by_permissions(cli, tmp_path):

@@ -1,6 +1,10 @@
-"""Generation: the key-value cache gives the logits of full re-decoding, for both styles, dense and MoE."""
+"""Generation: the key-value cache gives the logits of full re-decoding, for both styles, dense and MoE;
+generation stops at an end-of-text id; ``evomoe generate`` checks its options before loading anything and
+says when a run has no checkpoint yet."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -61,3 +65,65 @@ def test_sampling_rules():
 def test_too_long_is_an_error():
     with pytest.raises(ValueError, match="exceeds model.seq_len = 40"):
         generate(tiny("llama", False), torch.zeros(1, 30, dtype=torch.long), 20)
+
+
+def test_generation_stops_at_a_stop_id():
+    """The end-of-text id ends generation (as transformers' generate does with an eos id)."""
+    model = tiny("gpt2", True)
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
+    free = generate(model, prompt, 12, temperature=0.0)
+    stop = int(free[0, 5 + 3])  # the 4th generated token
+    first = next(i for i in range(5, 17) if int(free[0, i]) == stop)
+    stopped = generate(model, prompt, 12, temperature=0.0, stop_ids=(stop,))
+    assert torch.equal(stopped, free[:, : first + 1])  # up to and including the stop id
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line: options are checked before anything is loaded, and a run without a checkpoint
+
+
+BAD_OPTIONS = [
+    (["--max-new-tokens", "-3"], "--max-new-tokens = -3: must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens = 0: must be >= 1"),
+    (["--temperature", "-1"], "--temperature = -1.0: must be >= 0 (0: greedy)"),
+    (["--temperature", "nan"], "--temperature = nan: must be >= 0 (0: greedy)"),
+    (["--top-k", "-2"], "--top-k = -2: must be >= 0 (0: every token)"),
+    (["--seed", "-1"], "--seed = -1: must be >= 0"),
+    (["--beam", "0"], "--beam = 0: must be >= 1 (1: greedy)"),
+    (["--length-penalty", "-0.5"], "--length-penalty = -0.5: must be >= 0"),
+]
+
+
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("option,message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_generate_options_are_errors(cli, copy_run, option, message):
+    run = copy_run()
+    before = snapshot(run)
+    rc, out, err = cli("generate", run, "--prompt", "def f(", *option)
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and lines == [f"error: {message}"], err[-2000:]
+    assert out == "" and "Traceback" not in err
+    assert snapshot(run) == before  # nothing written
+
+
+def test_options_a_language_model_does_not_use_are_errors(cli, tiny_run):
+    rc, out, err = cli("generate", tiny_run, "--prompt", "def f(", "--beam", "2")
+    assert rc == 2 and "--beam: a language model's run continues the prompt by sampling" in err, err
+
+
+def test_generate_on_a_run_without_checkpoint(cli, copy_run):
+    run = copy_run()
+    shutil.rmtree(run / "checkpoints")
+    for command in (["generate", run, "--prompt", "x"], ["export", run, "--out", run.parent / "hf"]):
+        rc, out, err = cli(*command)
+        assert rc == 2 and f"error: no checkpoint yet in '{run}'" in err, err[-2000:]
+        assert "neither a run directory nor a checkpoint" not in err
+    (run / "checkpoints").mkdir()
+    rc, out, err = cli("generate", run, "--prompt", "x")
+    assert rc == 2 and f"error: no checkpoint yet in '{run}'" in err, err[-2000:]
+    rc, out, err = cli("generate", run.parent / "nothing", "--prompt", "x")
+    assert rc == 2 and "is neither a run directory nor a checkpoint" in err
+    assert not (run.parent / "hf").exists()

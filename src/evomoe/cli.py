@@ -1,7 +1,5 @@
-"""Command line: ``evomoe train | eval | compare | sweep | export | generate``.
-
-The only module that reads argv and the environment."""
-
+# Command line: evomoe train | eval | compare | sweep | config | export | generate.
+# The only module that reads argv and the environment (the parsers of compare and sweep live beside them).
 from __future__ import annotations
 
 import os
@@ -22,8 +20,10 @@ from .config import (
     apply_overrides,
     config_from_dict,
     load_config,
+    preset_names,
     split_overrides,
     to_dict,
+    to_toml,
 )
 from .errors import CLIError
 from .parallel.env import world_info
@@ -51,7 +51,9 @@ RUN_FILES = (
     "report.md",
     "results.json",
     "tokenizer.json",
+    "source_model.json",
     "tensorboard",
+    "translations",
 )
 
 
@@ -78,7 +80,11 @@ def check_resume_compatible(saved: Config, new: Config) -> None:
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; make sure it is writable before any work starts."""
+    """Refuse to mix two runs in one directory; make sure it can be written before any work starts.
+
+    The check leaves no trace: directories it had to create for the probe are removed again, and the run
+    creates ``out`` when it writes its first file (``run_training``), so a run that fails while loading its
+    data or building its model leaves nothing behind."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out '{out}' exists and is not a directory")
     existing = [n for n in RUN_FILES if (out / n).exists()]
@@ -87,6 +93,7 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             f"--out '{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it, "
             "--overwrite to replace it, or choose another directory"
         )
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -94,6 +101,14 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise CLIError(f"--out '{out}' is not writable: {e.strerror or e}") from None
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except FileNotFoundError:  # the probe failed before creating it
+                continue
+            except OSError:
+                break
     if overwrite and not resume:
         for n in existing:
             p = out / n
@@ -213,70 +228,115 @@ def cmd_eval(args, extra: list[str]) -> int:
 
 def cmd_export(args, extra: list[str]) -> int:
     from .models.hf.export import ExportError, plan_export, write_export  # noqa: PLC0415
-    from .train.load_run import load_run  # noqa: PLC0415
+    from .models.hf.write import check_target  # noqa: PLC0415
+    from .train.load_run import find_checkpoint, load_run  # noqa: PLC0415
 
     if extra:
         raise CLIError(f"unexpected arguments: {' '.join(extra)}")
-    run = load_run(args.run)
+    out, ck = Path(args.out), find_checkpoint(args.run)
     try:
-        plan = plan_export(run.model, run.hard)
+        check_target(out, args.overwrite, keep=ck)  # before the run is loaded
     except ExportError as e:
-        raise CLIError(
-            f"cannot export '{run.checkpoint}' (step {run.step}, phase {run.phase}): {e}"
-        ) from None
-    hf_json = getattr(run.tokenizer, "hf_json", None) or getattr(run.tokenizer, "to_json", None)
-    if run.tokenizer is None or run.tokenizer.kind == "bytes":
-        print("warning: the run has no tokenizers-library tokenizer: exported without one", file=sys.stderr)
-        hf_json = None
-    out = write_export(plan, args.out, hf_json() if hf_json else None)
+        raise CLIError(str(e)) from None
+    run = load_run(ck)
+    try:
+        plan = plan_export(run.model, run.hard, run.source, run.tokenizer)
+    except ExportError as e:
+        raise CLIError(f"cannot export '{ck}' (step {run.step}, phase {run.phase}): {e}") from None
+    hf_json = getattr(run.tokenizer, "hf_json", None)
+    if hf_json is None:
+        print("warning: the run has no tokenizer.json: exported without a tokenizer", file=sys.stderr)
+    write_export(plan, out, hf_json() if hf_json else None, overwrite=args.overwrite)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     kind = run.phase if run.model.spawned else "dense"
-    print(f"exported step {run.step} ({kind}) as {plan.model_type} to {out}")
+    print(f"exported step {run.step} ({kind}) as {plan.model_type} ({plan.auto_class}) to {out}")
     return 0
 
 
 def cmd_generate(args, extra: list[str]) -> int:
-    import torch  # noqa: PLC0415
-
-    from .generate import generate  # noqa: PLC0415
+    from .generate import Options, check_options, run_prompt  # noqa: PLC0415
     from .train.load_run import load_run  # noqa: PLC0415
 
     if extra:
         raise CLIError(f"unexpected arguments: {' '.join(extra)}")
-    run = load_run(args.run)
-    if run.tokenizer is None:
-        raise CLIError(f"'{args.run}' has no tokenizer.json: cannot encode the prompt")
-    prompt = torch.as_tensor(run.tokenizer.encode(args.prompt), dtype=torch.long).unsqueeze(0)
+    opts = Options(
+        args.max_new_tokens, args.temperature, args.top_k, args.seed, args.beam, args.length_penalty
+    )
     try:
-        ids = generate(run.model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        check_options(opts)  # before anything is loaded
+        run = load_run(args.run)
+        if run.tokenizer is None:
+            raise CLIError(f"'{args.run}' has no tokenizer.json: cannot encode the prompt")
+        out = run_prompt(run, args.prompt, opts)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    new = ids[0, prompt.shape[1] :].tolist()
-    if args.ids:
-        print(json.dumps({"prompt_ids": prompt[0].tolist(), "new_ids": new}))
-    else:
-        print(args.prompt + run.tokenizer.decode(new))
+    print(json.dumps({"prompt_ids": out.prompt_ids, "new_ids": out.new_ids}) if args.ids else out.text)
     return 0
 
 
 def add_inference_parsers(sub) -> None:
     x = sub.add_parser("export", help="write a run as a Hugging Face model directory (transformers loads it)")
     x.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
-    x.add_argument("--out", required=True, help="the directory to write")
-    g = sub.add_parser("generate", help="continue a prompt with a run's model (key-value cache)")
+    x.add_argument("--out", required=True, help="the directory to write (absent or empty)")
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is not empty (all of it, at once)"
+    )
+    g = sub.add_parser(
+        "generate",
+        help="a run's model on a prompt: a language model continues it, a translation run translates it, a "
+        "masked LM fills its <mask> tokens",
+    )
     g.add_argument("run", help="a run directory (its newest good checkpoint) or a checkpoint directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--max-new-tokens", type=int, help="LM: tokens to add (default 64); MT: the longest translation"
+    )
+    g.add_argument("--temperature", type=float, help="0: greedy / argmax (default: LM 0.8, masked LM 0)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely (default 0: all)")
+    g.add_argument("--seed", type=int, help="of the sampling (default 0)")
+    g.add_argument("--beam", type=int, help="MT: beam width, 1 = greedy (default: the run's task.mt.beam)")
+    g.add_argument(
+        "--length-penalty", type=float, help="MT: beam score / length ** this (default: the run's)"
+    )
     g.add_argument("--ids", action="store_true", help="print the token ids as JSON instead of the text")
 
 
+DESCRIPTION = (
+    "Train Mixture-of-Experts models the EvoMoE way (one expert, then diverse experts spawned from it, then "
+    "a dense-to-sparse gate), compare routers, evaluate, export to Hugging Face transformers, generate."
+)
+EPILOG = (
+    "'evomoe COMMAND --help' lists a command's options. A config is a TOML file or a preset; any field can "
+    "be overridden with --section.field=value; 'evomoe config PRESET' prints every field."
+)
+
+
+def config_help() -> str:
+    return f"a TOML file or a preset: {', '.join(preset_names())}"
+
+
+def cmd_config(args, extra: list[str]) -> int:
+    """Print the resolved config: every field of every table, as TOML that loads back to an equal config."""
+    overrides = split_overrides(extra)
+    cfg = load_config(args.config, overrides)
+    if cfg.model.init_from:  # the model's shape from its directory, as training would resolve it
+        from .train.pretrained import resolve_pretrained  # noqa: PLC0415
+
+        resolve_pretrained(cfg)
+    command = " ".join(["evomoe config", args.config, *overrides])
+    print(f"# {command}\n# every field; '# default: ...' marks a value that differs from the default\n")
+    print(to_toml(cfg, Config()), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evomoe", description=__doc__)
+    p = argparse.ArgumentParser(prog="evomoe", description=DESCRIPTION, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model; extra --section.field=value flags override the config")
-    t.add_argument("config", nargs="?", help="a TOML file or a preset name (tiny, default, small)")
+    t.add_argument(
+        "config", nargs="?", help=f"{config_help()} (default: default; see every field: evomoe config PRESET)"
+    )
     t.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, report)")
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest good checkpoint"
@@ -287,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate a checkpoint (or a run directory's latest) on the validation split"
     )
     e.add_argument("checkpoint")
+    c = sub.add_parser(
+        "config", help="print a config with every field and its value (TOML); --section.field=value overrides"
+    )
+    c.add_argument("config", help=config_help())
     from .compare import add_compare_parser  # noqa: PLC0415
     from .sweep import add_sweep_parser  # noqa: PLC0415
 
@@ -304,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "config": cmd_config}
+    handlers.update(export=cmd_export, generate=cmd_generate)
     if args.command in ("compare", "sweep"):
         from .compare import cmd_compare  # noqa: PLC0415
         from .sweep import cmd_sweep  # noqa: PLC0415

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomoe.config import ConfigError
+from evomoe.config import ConfigError, DataConfig
 from evomoe.data.bucketing import fixed_batches, make_buckets, pair_batch, sample_indices
+from evomoe.data.mt_data import load_mt_data
 from evomoe.data.parallel import read_parallel, split_pairs
 from evomoe.data.sword import align_modules, plain_text
 from evomoe.data.synthetic import generate_pairs
@@ -130,3 +131,21 @@ def test_sword_modules_aligned_by_verse(tmp_path: Path):
 
 def test_plain_text_strips_markup():
     assert plain_text('<w a="1">God</w><note n="x">a note</note><w>created</w> , it') == "God created, it"
+
+
+def test_log_counts_the_length_drop_as_not_kept(tmp_path: Path):
+    """read = kept + dropped for an empty side + dropped for length: 'kept' is what training sees."""
+    short = [f"w{i} x" for i in range(40)]
+    src = short + ["y" * 30] * 5 + ["", "z", " "]  # 5 over max_tokens=20 bytes, 3 with an empty side
+    tgt = short + ["t"] * 5 + ["a", "", "b"]
+    (tmp_path / "a.txt").write_text("\n".join(src) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(tgt) + "\n")
+    logs: list[str] = []
+    data = DataConfig(tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
+    mt = load_mt_data(
+        str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), synthetic=(0, 0, 0, 0), val_fraction=0.2,
+        max_tokens=20, data=data, env={}, log=logs.append,
+    )  # fmt: skip
+    assert len(mt.train_src) + len(mt.val_src) == 40
+    line = next(s for s in logs if "pairs read" in s)
+    assert "48 pairs read, 40 kept, 3 dropped for an empty side, 5 for a side over the length limit" in line

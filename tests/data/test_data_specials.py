@@ -26,3 +26,29 @@ def test_specials(kind, tmp_path):
     back = load_tokenizer(tmp_path)
     assert isinstance(back, SpecialTokens) and back.vocab_size == tok.vocab_size
     assert np.array_equal(back.encode(TEXT), ids)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_masks_in_a_prompt_and_the_tokenizers_json(kind):
+    """``encode_with_masks`` turns each literal <mask> into the mask id; the exported ``tokenizers`` JSON
+    (what transformers loads) gives the same ids, specials included, and the same text back."""
+    from tokenizers import Tokenizer
+
+    base = ByteTokenizer() if kind == "bytes" else BPETokenizer.train(TEXT, 300)
+    tok = SpecialTokens(base)
+    prompt = "def <mask>(x):\n    return <mask> + 1 é"
+    ids = tok.encode_with_masks(prompt).tolist()
+    assert ids.count(tok.mask_id) == 2 and max(i for i in ids if i != tok.mask_id) < tok.num_normal
+    before = prompt.split("<mask>")[0]
+    # over a BPE the mask takes the space before it (its tokens carry their leading space), over bytes not
+    want_before = before.rstrip() if kind == "bpe" else before
+    assert ids[: ids.index(tok.mask_id)] == tok.encode(want_before).tolist()
+    hf = Tokenizer.from_str(tok.hf_json())
+    assert hf.get_vocab_size() == tok.vocab_size
+    assert hf.encode(prompt, add_special_tokens=False).ids == ids
+    text = "plain text é\n    indented"
+    assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text).tolist()
+    assert hf.decode(tok.encode(text).tolist()) == text
+    assert [hf.token_to_id(t) for t in ("<pad>", "<mask>", "<s>", "</s>")] == [
+        tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id
+    ]  # fmt: skip

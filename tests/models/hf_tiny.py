@@ -32,17 +32,9 @@ def hf_config(family: str, **kw):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, tie_word_embeddings=kw.pop("tie", False))
+    specials = {k: kw.pop(k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if family == "gpt2":
-        return tf.GPT2Config(
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            bos_token_id=None,
-            eos_token_id=None,
-            **common,
-            **kw,
-        )
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **specials, **common, **kw)
     llama_like = dict(
         hidden_size=32,
         intermediate_size=48,
@@ -51,9 +43,7 @@ def hf_config(family: str, **kw):
         num_key_value_heads=2,
         max_position_embeddings=64,
         rms_norm_eps=1e-6,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **specials,
         **common,
     )
     llama_like.update(kw)

@@ -1,10 +1,12 @@
 """End to end through the CLI: import a tiny Llama / Qwen2 (and a native llama-style run), upcycle it
-through the hard switch, export, and compare transformers' greedy generation with ``evomoe generate``.
+through the hard switch, export, and compare transformers' greedy generation with ``evomoe generate``; both
+stop at the source model's end-of-text id, which the export keeps (with its bos id and context).
 An MoE grown from GPT-2 has no transformers class: ``export`` fails clearly, ``generate`` works."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -37,7 +39,7 @@ def hf_greedy(directory, prompt_ids: list[int], n: int) -> list[int]:
     model = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     idx = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(idx, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = model.generate(idx, max_new_tokens=n, do_sample=False, pad_token_id=0)  # the export's eos
     return out[0, len(prompt_ids) :].tolist()
 
 
@@ -60,14 +62,37 @@ def upcycle_and_compare(cli, src, tmp_path, n: int = 8) -> str:
     assert rc == 0, err[-2000:]
     prompt_ids, ours = evomoe_greedy(cli, run, n)
     assert ours == hf_greedy(out, prompt_ids, n)
+    source, exported = (json.loads((d / "config.json").read_text()) for d in (src, out))
+    for key in ("bos_token_id", "eos_token_id", "max_position_embeddings"):
+        assert exported.get(key) == source.get(key), key
     return stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_upcycled_model_generates_like_transformers(family, cli, tmp_path):
-    src = save_tiny(family, tmp_path / "src")
+    src = save_tiny(family, tmp_path / "src", bos_token_id=1, eos_token_id=2)
     assert "as qwen2_moe" in upcycle_and_compare(cli, src, tmp_path)
+
+
+@pytest.mark.slow
+def test_both_stop_at_the_end_of_text(cli, tmp_path):
+    """The source's eos is the token the upcycled model generates 4th: both generators stop there."""
+    src = save_tiny("llama", tmp_path / "src")
+    upcycle_and_compare(cli, src, tmp_path, n=8)
+    _, free = evomoe_greedy(cli, tmp_path / "moe_run", 8)
+    stop = free[3]
+    for name in ("config.json", "generation_config.json"):
+        if (src / name).is_file():
+            cfg = json.loads((src / name).read_text())
+            (src / name).write_text(json.dumps({**cfg, "eos_token_id": stop}))
+    run, out = tmp_path / "stop_run", tmp_path / "stop_hf"
+    shutil.copytree(tmp_path / "moe_run", run)
+    (run / "source_model.json").unlink()  # an older run: export reads the source directory itself
+    rc, _, err = cli("export", run, "--out", out)
+    assert rc == 0, err[-2000:]
+    prompt_ids, ours = evomoe_greedy(cli, run, 8)
+    assert ours == free[: free.index(stop) + 1] == hf_greedy(out, prompt_ids, 8)
 
 
 @pytest.mark.slow

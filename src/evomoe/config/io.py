@@ -195,11 +195,16 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
-def to_toml(cfg: Any) -> str:
-    """Write a (nested) dataclass as TOML; tables in field order, empty tables left out."""
+def to_toml(cfg: Any, defaults: Any = None) -> str:
+    """Write a (nested) dataclass as TOML; tables in field order, empty tables left out. ``defaults``: an
+    object of the same shape; a value that differs from its default gets a ``# default: ...`` comment."""
     lines: list[str] = []
 
-    def emit(obj: Any, name: str) -> None:
+    def line(k: str, v: Any, default: Any) -> str:
+        text = f"{k} = {_toml_value(v)}"
+        return text if default is None or default == v else f"{text}  # default: {_toml_value(default)}"
+
+    def emit(obj: Any, name: str, base: Any) -> None:
         external = getattr(obj, "external_tables", frozenset())
         scalars = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
         scalars = [(k, v) for k, v in scalars if k not in external or k == getattr(obj, "name", None)]
@@ -207,11 +212,11 @@ def to_toml(cfg: Any) -> str:
         nested = [(k, v) for k, v in scalars if dataclasses.is_dataclass(v)]
         if name and plain:
             lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in plain)
+        lines.extend(line(k, v, getattr(base, k, None)) for k, v in plain)
         if plain:
             lines.append("")
         for k, v in nested:
-            emit(v, f"{name}.{k}" if name else k)
+            emit(v, f"{name}.{k}" if name else k, getattr(base, k, None))
 
-    emit(cfg, "")
+    emit(cfg, "", defaults)
     return "\n".join(lines).strip() + "\n"

@@ -32,8 +32,10 @@ class ParallelText:
         return len(self.source)
 
     def describe(self) -> str:
+        """One log line; ``n_long`` is counted after tokenization, from the pairs still held here."""
+        kept = len(self) - self.n_long
         return (
-            f"data: {self.origin}: {self.n_read:,} pairs read, {len(self):,} kept, {self.n_empty:,} dropped "
+            f"data: {self.origin}: {self.n_read:,} pairs read, {kept:,} kept, {self.n_empty:,} dropped "
             f"for an empty side, {self.n_long:,} for a side over the length limit"
         )
 

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import tokenizers as hf
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from ..config import ConfigError
 
@@ -87,6 +87,14 @@ class ByteTokenizer:
 
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "vocab_size": 256}) + "\n"
+
+    def hf_json(self) -> str:
+        """The same ids as a ``tokenizers`` JSON (transformers loads it): a byte-level BPE without merges,
+        whose 256 pieces are the bytes in order."""
+        tok = hf.Tokenizer(models.BPE(vocab=byte_level_map(), merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok.to_str()
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
@@ -191,6 +199,8 @@ class BPETokenizer(_WrappedTokenizer):
     def to_json(self) -> str:
         return self._tok.to_str()
 
+    hf_json = to_json  # it is a ``tokenizers`` JSON already
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
         path.write_text(self.to_json(), encoding="utf-8")
@@ -198,6 +208,7 @@ class BPETokenizer(_WrappedTokenizer):
 
 
 SPECIALS = ("<pad>", "<mask>", "<s>", "</s>")
+MASK = "<mask>"
 
 
 class SpecialTokens:
@@ -233,9 +244,37 @@ class SpecialTokens:
     def encode_lines(self, lines: Sequence[str]) -> list[np.ndarray]:
         return self.base.encode_lines(lines)
 
+    @property
+    def mask_takes_space(self) -> bool:
+        """Over a BPE a ``<mask>`` in a prompt takes the whitespace before it, as RoBERTa's does: the pieces
+        carry their leading space, so ``x = <mask>`` asks for `` 1``, not ``1`` after a lone space."""
+        return self.base.kind != "bytes"
+
+    def encode_with_masks(self, text: str) -> np.ndarray:
+        """Ids of a prompt in which each literal ``<mask>`` is the mask token (the rest is text)."""
+        pieces = text.split(MASK)
+        parts: list[np.ndarray] = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            parts.append(self.encode(piece if last or not self.mask_takes_space else piece.rstrip()))
+            if not last:
+                parts.append(np.array([self.mask_id]))
+        return np.concatenate(parts).astype(np.int64)
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         ids = np.asarray(ids, dtype=np.int64)
         return self.base.decode(ids[ids < self.num_normal])
+
+    def hf_json(self) -> str:
+        """The base tokenizer's ``tokenizers`` JSON with the specials added at their ids (what transformers
+        loads; ``<mask>`` in a text then is the mask token, see ``mask_takes_space``)."""
+        tok = hf.Tokenizer.from_str(self.base.hf_json())
+        lstrip = {MASK: self.mask_takes_space}
+        tok.add_special_tokens([AddedToken(t, lstrip=lstrip.get(t, False), special=True) for t in SPECIALS])
+        ids = [tok.token_to_id(t) for t in SPECIALS]
+        if ids != [self.pad_id, self.mask_id, self.bos_id, self.eos_id]:  # pragma: no cover - invariant
+            raise ValueError(f"special tokens got ids {ids} in the tokenizers JSON")
+        return tok.to_str()
 
     def to_json(self) -> str:
         return (

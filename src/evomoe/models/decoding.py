@@ -123,6 +123,30 @@ def beam_search(
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
+def translate_batch(
+    model: Any,
+    src_BS: torch.Tensor,
+    src_valid_BS: torch.Tensor | None,
+    gate: Any,
+    bos: int,
+    eos: int,
+    max_len: int,
+    beam: int = 1,
+    alpha: float = 1.0,
+    all_steps: bool = False,
+) -> list[list[int]]:
+    """Greedy (``beam = 1``) or beam-search output ids (``</s>`` left out) of each source row, with an
+    encoder-decoder's cached step (``start_decoding`` / ``decode_step`` / ``reorder_state``): the decoding
+    of the translation task's evaluation and of ``evomoe generate``."""
+    B = src_BS.shape[0]
+    state = model.start_decoding(src_BS, src_valid_BS, gate, repeat=beam)
+    if beam == 1:
+        return greedy_search(model.decode_step, state, B, bos, eos, max_len, all_steps)
+    return beam_search(
+        model.decode_step, model.reorder_state, state, B, bos, eos, max_len, beam, alpha, all_steps
+    )
+
+
 def exhaustive_search(
     step: StepFn, state_fn: Callable[[], Any], vocab: int, bos: int, eos: int, max_len: int, alpha: float
 ) -> tuple[float, list[int]]:

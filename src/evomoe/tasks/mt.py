@@ -24,7 +24,7 @@ import torch
 from ..config import check
 from ..data.bucketing import fixed_batches, make_buckets, pair_batch, sample_indices
 from ..data.mt_data import MTData, load_mt_data
-from ..models.decoding import beam_search, greedy_search
+from ..models.decoding import translate_batch
 from ..registry import TASKS
 from .base import Batch, EvalContext, Task
 from .seq_metrics import IGNORE, label_smoothed_loss, nll_and_correct, norm_rows, translation_scores
@@ -145,17 +145,10 @@ class MTTask(Task):
         """Greedy (beam 1) or beam-search translations of validation pairs ``index``, detokenized."""
         tok, b = self.tokenizer, self._pairs(self.data.val_src, self.data.val_tgt, index)
         src, valid = b.src_BS.to(device), b.src_valid_BS.to(device)
-        max_len = self.cfg.model.seq_len - 1
-        state = model.start_decoding(src, valid, gate, repeat=beam)
-        if beam == 1:
-            ids = greedy_search(
-                model.decode_step, state, len(index), tok.bos_id, tok.eos_id, max_len, all_steps
-            )
-        else:
-            ids = beam_search(
-                model.decode_step, model.reorder_state, state, len(index), tok.bos_id, tok.eos_id, max_len,
-                beam=beam, alpha=self.opts.length_penalty, all_steps=all_steps,
-            )  # fmt: skip
+        ids = translate_batch(
+            model, src, valid, gate, tok.bos_id, tok.eos_id, self.cfg.model.seq_len - 1, beam,
+            self.opts.length_penalty, all_steps,
+        )  # fmt: skip
         return [tok.decode(np.asarray(s, dtype=np.int64)).strip() for s in ids]
 
     @torch.no_grad()

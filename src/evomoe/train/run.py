@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, to_toml
 from ..data.tokenizer import TOKENIZER_FILE
+from ..models.hf.config import SOURCE_FILE, source_model
 from .checkpoint import write_bytes_atomic
 from .metrics import truncate_jsonl
 from .trainer import Trainer, resumable_checkpoint
@@ -60,13 +61,18 @@ def run_training(
         log(f"no checkpoint in '{out}/checkpoints': starting a new run")
         for name in ("metrics.jsonl", "eval.jsonl"):  # rows of a run killed before its first checkpoint
             truncate_jsonl(out / name, 0)
+    out.mkdir(parents=True, exist_ok=True)  # first here: a run that failed to start leaves no directory
     check_data(out / DATA_FILE, trainer.task.provenance(), resumed=path is not None)
     # atomic: a kill while a resumed run rewrites config.toml must not leave a torn file behind
     write_bytes_atomic(out / "config.toml", to_toml(cfg).encode("utf-8"))
     # the run's tokenizer (tasks with one), for ``evomoe generate`` and ``evomoe export``
-    tokenizer = getattr(getattr(trainer.task, "data", None), "tokenizer", None)
+    task = trainer.task  # the task's own tokenizer (with its special tokens), else its data's
+    tokenizer = getattr(task, "tokenizer", None) or getattr(getattr(task, "data", None), "tokenizer", None)
     if tokenizer is not None:
         write_bytes_atomic(out / TOKENIZER_FILE, tokenizer.to_json().encode("utf-8"))
+    if cfg.model.init_from:  # the source's special ids and context, for ``evomoe export``
+        source = json.dumps(source_model(cfg.model.init_from), indent=1) + "\n"
+        write_bytes_atomic(out / SOURCE_FILE, source.encode("utf-8"))
     result = trainer.run()
     if result["stopped"]:
         return None

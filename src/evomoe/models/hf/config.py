@@ -14,6 +14,7 @@ from typing import Any
 from ...config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
+SOURCE_FILE = "source_model.json"  # in a run directory: ``source_model(model.init_from)``
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 # fields that define the pretrained model: taken from config.json, an explicit contradiction is an error
 SHAPE_FIELDS = (
@@ -179,6 +180,43 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             "is not supported; lower model.seq_len"
         )
     return out
+
+
+SOURCE_KEYS = ("model_type", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
+               "n_positions")  # fmt: skip
+
+
+def source_model(directory: str | Path) -> dict[str, Any]:
+    """What an export needs to know of the model a run started from (``model.init_from``): its special
+    token ids and its context, from ``config.json`` and ``generation_config.json`` (transformers' generate
+    reads the end-of-text ids from the latter). Saved in the run, so export does not need the directory."""
+    config = read_config_json(directory)
+    gen_path = Path(directory) / "generation_config.json"
+    try:
+        generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"'{gen_path}' is not a readable JSON file: {e}") from None
+    pick = lambda d: {k: d[k] for k in SOURCE_KEYS if isinstance(d, dict) and d.get(k) is not None}  # noqa: E731
+    return {"init_from": str(directory), "config": pick(config), "generation_config": pick(generation)}
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def source_special_ids(source: dict[str, Any] | None, generation: bool = False) -> dict[str, Any]:
+    """The source model's bos/eos/pad ids as ``config.json`` gives them, or (``generation``) as transformers'
+    generate reads them: ``generation_config.json`` first (its eos may be a list), then ``config.json``."""
+    if not source:
+        return {}
+    cfg, gen = source.get("config", {}), source.get("generation_config", {}) if generation else {}
+    out = {k: gen.get(k, cfg.get(k)) for k in SPECIAL_IDS}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def end_of_text_ids(source: dict[str, Any] | None) -> tuple[int, ...]:
+    """The ids at which generation stops (none for a model without a source or an eos id)."""
+    eos = source_special_ids(source, generation=True).get("eos_token_id")
+    return () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
 def family_of(directory: str | Path) -> str:

@@ -1,44 +1,41 @@
-"""Export an evomoe decoder as a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads
-with no custom code, choosing the ``transformers`` class that computes exactly what evomoe evaluates.
+"""Export an evomoe model as a Hugging Face directory that transformers loads with no custom code, choosing
+the class that computes exactly what evomoe evaluates.
 
-Dense models go to their own family: ``gpt2`` style -> GPT-2; ``llama`` style -> Llama (biases on all of
-q/k/v/o or none), or Qwen2 (biases on q/k/v only). MoE models (``llama`` style, swiglu experts) go by how
-the router's evaluation weights are formed (read from transformers' modeling files):
+Decoders (``AutoModelForCausalLM``). Dense models go to their own family: ``gpt2`` style -> GPT-2; ``llama``
+style -> Llama (biases on all of q/k/v/o or none), or Qwen2 (biases on q/k/v only). MoE models (``llama``
+style, swiglu experts) go by how the router's evaluation weights are formed (read from transformers'
+modeling files):
 - Mixtral always renormalises the top-k probabilities and has an MoE FFN in every layer: it takes a
   renormalised top-k (k >= 2) with ``moe_every = 1`` and no q/k/v biases;
 - Qwen2-MoE has ``norm_topk_prob`` (renormalise or not), ``decoder_sparse_step`` (= ``moe_every``: dense
-  MLPs between MoE layers) and ``qkv_bias``; its shared expert is given width 0 (it adds exactly 0). It
-  takes everything else, in particular DTS / Switch top-1, whose weight is the un-renormalised softmax
-  probability of the argmax expert (Mixtral would make it 1).
+  MLPs between MoE layers) and ``qkv_bias``; it always has a sigmoid-gated shared expert, given width 1 and
+  zero weights (it adds exactly 0). It takes everything else, in particular DTS / Switch top-1, whose
+  weight is the un-renormalised softmax probability of the argmax expert (Mixtral would make it 1).
 - Qwen3-MoE and OLMoE normalise queries and keys (q_norm / k_norm), which evomoe's attention does not.
-GPT-2 blocks with MoE FFNs and routers that are not a softmax top-k of a linear gate (hash, BASE,
-StableMoE, capacity dropping, a DTS gate still in its soft phase) have no class: ``ExportError`` says why.
+GPT-2 blocks with MoE FFNs, evomoe's ungated shared experts and routers that are not a softmax top-k of a
+linear gate (hash, BASE, StableMoE, capacity dropping, a DTS gate still in its soft phase) have no class.
+A model imported with ``model.init_from`` keeps its source's special token ids and context (``source``).
+
+Masked LMs (Megatron-BERT) and translation models (Blenderbot), dense ones only: ``export_encoder.py``.
+``ExportError`` says why a model has no class.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import source_special_ids
+from .export_encoder import encdec_plan, masked_lm_plan
+from .plan import ExportError, ExportPlan
 from .weights import gpt2_to_hf, llama_to_hf
+from .write import write_export
+
+__all__ = ["ExportError", "ExportPlan", "plan_export", "write_export"]
 
 GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
-
-
-class ExportError(ValueError):
-    """No transformers class computes this model; the message says why and what to do."""
-
-
-@dataclass
-class ExportPlan:
-    model_type: str  # transformers' model_type: gpt2 | llama | qwen2 | mixtral | qwen2_moe
-    config: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]  # transformers' in-memory names
 
 
 def _llama_config(cfg) -> dict[str, Any]:
@@ -58,7 +55,7 @@ def _llama_config(cfg) -> dict[str, Any]:
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-    )
+    )  # the source model's ids replace these (``with_source``)
 
 
 def _gpt2_plan(cfg, sd) -> ExportPlan:
@@ -104,7 +101,7 @@ def dense_plan(cfg, sd: dict[str, torch.Tensor]) -> ExportPlan:
     return ExportPlan("llama", config, llama_to_hf(sd, cfg, set()))
 
 
-def moe_plan(cfg, sd: dict[str, torch.Tensor], moe_idx: list[int], routing: tuple[int, bool], E: int):
+def moe_plan(cfg, sd: dict[str, torch.Tensor], layers: list, routing: tuple[int, bool]) -> ExportPlan:
     if cfg.style != "llama" or cfg.activation != "swiglu":
         raise ExportError(
             f"model.style = {cfg.style!r}, activation = {cfg.activation!r}: transformers' MoE classes are "
@@ -113,24 +110,31 @@ def moe_plan(cfg, sd: dict[str, torch.Tensor], moe_idx: list[int], routing: tupl
         )
     if cfg.out_bias or cfg.mlp_bias:
         raise ExportError("model.out_bias / model.mlp_bias: transformers' MoE classes have no such biases")
+    if layers[0].ffn.shared is not None:
+        raise ExportError(
+            f"moe.shared_experts = {layers[0].ffn.shared.num_experts}: evomoe adds its shared experts "
+            "ungated, Qwen2-MoE gates its one shared expert with a sigmoid (never exactly 1): no class fits"
+        )
     k, renorm = routing
+    E, width = layers[0].ffn.num_experts, layers[0].ffn.experts.d_ff
     config = _llama_config(cfg)
+    moe_idx = [b.layer_idx for b in layers]
     hf_sd = llama_to_hf(sd, cfg, set(moe_idx))
-    if renorm and cfg.moe_every == 1 and not cfg.qkv_bias:
+    if renorm and cfg.moe_every == 1 and not cfg.qkv_bias and width == cfg.d_ff:
         config.update(
             num_local_experts=E, num_experts_per_tok=k, router_jitter_noise=0.0, sliding_window=None
         )
         return ExportPlan("mixtral", config, hf_sd)
     d = cfg.d_model
-    for i in moe_idx:
+    for i in moe_idx:  # Qwen2-MoE's shared expert, width 1, all zeros: it adds exactly 0
         h = f"model.layers.{i}.mlp."
-        hf_sd[h + "shared_expert.gate_proj.weight"] = torch.zeros(0, d)
-        hf_sd[h + "shared_expert.up_proj.weight"] = torch.zeros(0, d)
-        hf_sd[h + "shared_expert.down_proj.weight"] = torch.zeros(d, 0)
+        hf_sd[h + "shared_expert.gate_proj.weight"] = torch.zeros(1, d)
+        hf_sd[h + "shared_expert.up_proj.weight"] = torch.zeros(1, d)
+        hf_sd[h + "shared_expert.down_proj.weight"] = torch.zeros(d, 1)
         hf_sd[h + "shared_expert_gate.weight"] = torch.zeros(1, d)
     config.update(
-        moe_intermediate_size=cfg.d_ff,
-        shared_expert_intermediate_size=0,
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=1,
         num_experts=E,
         num_experts_per_tok=k,
         norm_topk_prob=renorm,
@@ -143,43 +147,75 @@ def moe_plan(cfg, sd: dict[str, torch.Tensor], moe_idx: list[int], routing: tupl
     return ExportPlan("qwen2_moe", config, hf_sd)
 
 
-def plan_export(model: nn.Module, hard: bool) -> ExportPlan:
-    """Which class and weights reproduce ``model`` (an evomoe decoder); ExportError when none does."""
+def with_source(plan: ExportPlan, cfg, source: dict[str, Any] | None) -> ExportPlan:
+    """The source model's bos/eos/pad ids (config.json, generation_config.json), and its context where
+    positions are rotary (no table: the source's limit holds); a learned table has ``seq_len`` rows."""
+    plan.config.update(source_special_ids(source))
+    plan.generation = source_special_ids(source, generation=True)
+    theirs = (source or {}).get("config", {})
+    their_max = theirs.get("max_position_embeddings") or theirs.get("n_positions")
+    if "n_positions" in plan.config:
+        was = f"; the source model had {their_max}" if their_max and their_max != cfg.seq_len else ""
+        plan.notes.append(
+            f"n_positions = {cfg.seq_len} (model.seq_len): the position table holds the run's "
+            f"{cfg.seq_len} positions{was}"
+        )
+    elif their_max and their_max >= cfg.seq_len:
+        plan.config["max_position_embeddings"] = their_max
+        plan.notes.append(
+            f"max_position_embeddings = {their_max}: the source model's context (rotary positions); this "
+            f"run trained on {cfg.seq_len}-token windows (model.seq_len = {cfg.seq_len})"
+        )
+    else:
+        plan.notes.append(
+            f"max_position_embeddings = {cfg.seq_len} (model.seq_len): the longest context the model "
+            "trained on"
+        )
+    return plan
+
+
+def decoder_plan(model: nn.Module, hard: bool, source: dict[str, Any] | None = None) -> ExportPlan:
+    """Which causal-LM class and weights reproduce ``model`` (an evomoe decoder)."""
     cfg = model.cfg
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if not model.spawned:
-        return dense_plan(cfg, sd)
+        return with_source(dense_plan(cfg, sd), cfg, source)
     layers = [b for b in model.blocks if b.is_moe]
     try:
         routings = {b.ffn.router.export_routing(hard) for b in layers}
     except ValueError as e:
-        raise ExportError(f"router.name = {type(layers[0].ffn.router).__name__}: {e}") from None
+        router = type(layers[0].ffn.router)
+        raise ExportError(
+            f"router.name = {getattr(router, 'registered_name', router.__name__)!r}: {e}"
+        ) from None
     if len(routings) != 1:  # pragma: no cover - one router config per model
         raise ExportError(f"MoE layers route differently ({routings})")
-    return moe_plan(cfg, sd, [b.layer_idx for b in layers], routings.pop(), layers[0].ffn.num_experts)
+    return with_source(moe_plan(cfg, sd, layers, routings.pop()), cfg, source)
 
 
-def write_export(plan: ExportPlan, out: str | Path, tokenizer_json: str | None = None) -> Path:
-    """Build the transformers model from the plan, load the weights strictly, ``save_pretrained``."""
-    import transformers  # noqa: PLC0415 - only export needs it
-
-    out = Path(out)
-    config = transformers.AutoConfig.for_model(plan.model_type, **plan.config)
-    hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = hf_model.load_state_dict(plan.state_dict, strict=False)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:  # pragma: no cover - the adapters and transformers disagree
-        raise ExportError(f"{plan.model_type}: missing {missing[:5]}, unexpected {unexpected[:5]} weights")
-    if config.tie_word_embeddings:
-        hf_model.tie_weights()
-    out.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out)
-    if tokenizer_json is not None:
-        (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": plan_max_len(plan)}
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1) + "\n", encoding="utf-8")
-    return out
+PLANS = {"decoder": decoder_plan, "encoder": masked_lm_plan, "encdec": encdec_plan}  # by the model's kind
 
 
-def plan_max_len(plan: ExportPlan) -> int:
-    return int(plan.config.get("max_position_embeddings") or plan.config.get("n_positions") or 0)
+def plan_export(
+    model: nn.Module, hard: bool, source: dict[str, Any] | None = None, tokenizer: Any = None
+) -> ExportPlan:
+    """Which transformers class and weights reproduce ``model``; ExportError when none does. ``hard``: the
+    gate's one-way hard flag at the checkpoint; ``source``: ``source_model(model.init_from)`` of an imported
+    model; ``tokenizer``: the run's, whose special tokens (``bos_id``, ``eos_id``, ``pad_id``, ``mask_id``:
+    masked LM, translation) the export names."""
+    kind = getattr(model, "kind", "decoder")
+    if kind not in PLANS:
+        raise ExportError(f"a '{kind}' model has no export (models that have: {', '.join(PLANS)})")
+    plan = PLANS[kind](model, hard, source)
+    for role in ("bos", "eos", "pad", "mask"):  # the run's own special tokens
+        if hasattr(tokenizer, f"{role}_id"):
+            plan.special_tokens[f"{role}_token"] = i = getattr(tokenizer, f"{role}_id")
+            if role != "mask":
+                plan.config[f"{role}_token_id"] = i
+    if plan.auto_class == "AutoModelForSeq2SeqLM" and "bos_token_id" in plan.config:
+        plan.config["decoder_start_token_id"] = plan.config["bos_token_id"]  # the decoder reads <s> first
+    for role in ("bos_token", "eos_token", "pad_token"):
+        i = plan.config.get(f"{role}_id")
+        if isinstance(i, int) and role not in plan.special_tokens:
+            plan.special_tokens[role] = i
+    return plan
