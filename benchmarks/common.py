@@ -142,6 +142,8 @@ def interleaved(
             "ratio": statistics.median(ratios),
             "cpu_ratio": statistics.median(cpu_ratios),
             "spread": (max(ratios) - min(ratios)) / 2,
+            "rounds_s": times[n],  # wall seconds of each round (per-round ratios against other baselines)
+            "rounds_cpu_s": cpu[n],
         }
     return out
 

@@ -11,12 +11,21 @@ preset's model (quick and default: d_model 128, d_ff 256, 4 layers, E = 8, batch
 (one dense FFN per block, before the spawn), ``dts-sparsify`` (the soft phase at tau 2.0 and 0.3),
 ``dts-sparse`` (hard top-1). Steps are interleaved round by round; tokens/s ratios are per-round medians
 against ``dense``. Target (issue): top-1 (switch, dts-sparse) >= 0.9 x dense tokens/s.
+
+    python benchmarks/train.py --modes eager-fp32,compiled-fp32,compiled-bf16 --threads-list 1,2
+
+compares the trainer's step modes (``train.compile``, ``train.precision``; ``evomoe.train.compile``) for
+each variant, interleaved in the same rounds, at each thread count in turn (one process); ratios are
+per-round tokens/s against the same variant's ``eager-fp32``. It prints each mode's compile warm-up (the
+first step), graphs, graph breaks and the frames recompiled after it.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +37,8 @@ from evomoe.config import load_config  # noqa: E402
 from evomoe.evolve import fresh_experts  # noqa: E402
 from evomoe.models import GPT  # noqa: E402
 from evomoe.moe.router import GateState  # noqa: E402
-from evomoe.tasks.lm import lm_forward  # noqa: E402
+from evomoe.tasks.lm import next_token_loss  # noqa: E402
+from evomoe.train.compile import StepMode, compile_counts, graph_break_reasons  # noqa: E402
 from evomoe.train.flops import training_flops  # noqa: E402
 from evomoe.train.optim import build_optimizer  # noqa: E402
 
@@ -73,6 +83,7 @@ class Runner:
         precision: str,
         seed: int = 0,
         fused_adamw: bool = False,
+        compiled: bool = False,
     ) -> None:
         torch.manual_seed(seed)
         cfg.model.vocab_size = VOCAB
@@ -85,7 +96,8 @@ class Runner:
         # the trainer's optimizer: train.optimizer_impl = fused (one kernel per group) or foreach
         cfg.train.optimizer_impl = "fused" if fused_adamw else "foreach"
         self.opt = build_optimizer(self.model, cfg.train)
-        self.amp = precision == "bf16"
+        self.mode = StepMode(compiled, precision, device, print, fresh=False)
+        self.fwd, self.loss_fn = self.mode.wrap(self.model), self.mode.wrap(next_token_loss)
         B, S = cfg.train.batch_size, cfg.model.seq_len
         g = torch.Generator().manual_seed(seed)
         self.batches = [torch.randint(0, VOCAB, (B, S + 1), generator=g).to(device) for _ in range(4)]
@@ -97,8 +109,9 @@ class Runner:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         x, y = batch[:, :-1], batch[:, 1:]
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = lm_forward(self.model, x, y, gate=self.gate)
+        with self.mode.autocast():
+            out = self.fwd(x, gate=self.gate)
+            out.loss = self.loss_fn(out.logits, y)
         loss = out.loss + out.aux_loss
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -158,8 +171,12 @@ def main() -> None:
     )
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (bf16) TFLOP/s, for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile each model's transformer blocks")
+    p.add_argument("--modes", default="", help="compare step modes: eager-fp32,compiled-fp32,compiled-bf16")
+    p.add_argument("--threads-list", default="", help="with --modes: thread counts run in turn, e.g. 1,2")
     args = p.parse_args()
     device = common.setup(args)
+    if args.modes:
+        return compare_modes(args, device)
     rounds = args.rounds or (3 if args.quick else 5)
     n_steps = args.steps or (2 if args.quick else 4)
     precisions = (args.precision or ("fp32" if args.quick or device.type == "cpu" else "bf16")).split(",")
@@ -238,6 +255,76 @@ def main() -> None:
     common.write_json("train", args, device, {"rows": rows, "table": table, "steps_per_round": n_steps})
     if any(r["met"] == "no" for r in rows):
         print("target missed:", [r["variant"] for r in rows if r["met"] == "no"])
+
+
+MODE_VARIANTS = ("dense", "switch", "dts-sparsify tau=2.0", "dts-sparsify tau=0.3", "dts-sparse")
+
+
+def compare_modes(args, device: torch.device) -> None:
+    """Every variant in every mode, interleaved; ratios per round against the variant's first mode."""
+    rounds, n_steps = args.rounds or (3 if args.quick else 5), args.steps or (2 if args.quick else 4)
+    modes = args.modes.split(",")
+    base = load_config(args.preset)
+    base.train.device = device.type
+    base.moe.experts_impl = args.impl
+    names = args.variants.split(",") if args.variants else list(MODE_VARIANTS)
+    chosen = {k: v for k, v in variants(base).items() if k in names}
+    thread_counts = [int(t) for t in (args.threads_list or str(torch.get_num_threads())).split(",")]
+    torch.set_num_threads(thread_counts[0])  # the thread count is in the compiled graphs' guards
+    runners, warm = {}, {}
+    for name, (c, gate) in chosen.items():
+        for mode in modes:
+            kind, precision = mode.split("-")
+            r = Runner(copy.deepcopy(c), gate, device, precision, compiled=kind == "compiled")
+            before, tic = compile_counts(), time.perf_counter()
+            r.step()  # the compile warm-up
+            warm[name, mode] = (time.perf_counter() - tic, before, compile_counts())
+            runners[name, mode] = r
+    after_warm, rows, tables = compile_counts(), [], []
+    for threads in thread_counts:  # (a new count recompiles, in the warm-up round)
+        torch.set_num_threads(threads)
+        fns = {f"{n} | {m}": r.steps(n_steps) for (n, m), r in runners.items()}
+        load0 = common.loadavg()
+        res = common.interleaved(fns, device, rounds=rounds, warmup=1)
+        load1 = common.loadavg()
+        for (name, mode), r in runners.items():
+            mine, ref = res[f"{name} | {mode}"], res[f"{name} | {modes[0]}"]
+            ratios = [b / a for a, b in zip(mine["rounds_s"], ref["rounds_s"], strict=True)]
+            cpu = [b / a for a, b in zip(mine["rounds_cpu_s"], ref["rounds_cpu_s"], strict=True)]
+            seconds, c0, c1 = warm[name, mode]
+            rows.append(
+                {
+                    "threads": threads,
+                    "variant": name,
+                    "mode": mode,
+                    "experts/token": round(r.pairs_per_token, 2) if r.pairs_per_token else "-",
+                    "tokens/s": r.tokens_per_step * n_steps / (mine["ms"] / 1e3),
+                    f"vs {modes[0]}": statistics.median(ratios),
+                    "spread": (max(ratios) - min(ratios)) / 2,
+                    "cpu-time ratio": statistics.median(cpu),
+                    "warm-up s": seconds,
+                    "graphs": c1["graphs"] - c0["graphs"],
+                    "breaks": c1["graph_breaks"] - c0["graph_breaks"],
+                    "loadavg": f"{load0:.1f}-{load1:.1f}",
+                }
+            )
+    m = base.model
+    title = (
+        f"training step modes ({args.preset}: d_model {m.d_model}, d_ff {m.d_ff}, {m.n_layers} layers, "
+        f"E {base.moe.num_experts}, {base.train.batch_size}x{m.seq_len} tokens), {device}, "
+        f"{rounds} rounds x {n_steps} steps"
+    )
+    tables.append(common.print_table(rows, list(rows[0]), title))
+    counts = compile_counts()
+    recompiled = counts["frames"] - after_warm["frames"]
+    print(f"compile counters: {counts}; frames compiled after the warm-up steps (recompiles): {recompiled}")
+    print(f"graph breaks: {'; '.join(graph_break_reasons()) or 'none'}")
+    common.write_json(
+        "train_modes",
+        args,
+        device,
+        {"rows": rows, "table": tables[0], "counters": counts, "recompiled": recompiled},
+    )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,27 @@ def attention_mask(
     return (mask & causal_SK) | eye_SK
 
 
+def math_attention_pays(q: torch.Tensor) -> bool:
+    """On CPU under bf16/fp16 autocast the fused SDPA kernel's backward is ~4x slower than fp32's
+    (docs/performance.md): there, attention is spelled out (bf16 matmuls, softmax in fp32)."""
+    return q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.dtype != torch.float32
+
+
+def math_attention(q, k, v, mask: torch.Tensor | None, causal: bool, dropout_p: float = 0.0):
+    """``scaled_dot_product_attention`` as matmuls: softmax(q k^T / sqrt(Dh) + mask) v, the softmax in fp32.
+    ``mask``: boolean, True = may attend (broadcast to [B, H, S, K]); ``causal``: the lower triangle."""
+    S, K = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        mask = torch.ones(S, K, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    return probs.to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention. ``mode``: causal or bidirectional self-attention, or cross-attention to a
     memory (``kv_BKD``). Options from the model config: grouped-query heads (``n_kv_heads``), rotary
@@ -107,7 +128,10 @@ class Attention(nn.Module):
         else:
             mask = attention_mask(self.mode, S, k.shape[2], valid_BK, x_BSD.device)
             causal = self.mode == "causal" and mask is None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+            if math_attention_pays(q):
+                y = math_attention(q, k, v, mask, causal, p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 

@@ -106,6 +106,13 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         if self.router is None:
             return self.forward_dense(x_TD).view(B, S, D), None, self.dense_stats(x_TD, ctx)
+        return self.forward_routed(x_TD, ctx, B, S)
+
+    # data-dependent shapes (rows per expert, experts per token) and host syncs: under ``train.compile`` the
+    # routed path runs eagerly between the compiled regions (docs/performance.md, "Compiled training")
+    @torch.compiler.disable
+    def forward_routed(self, x_TD: torch.Tensor, ctx: RouterContext, B: int, S: int):
+        D = x_TD.shape[1]
         routing = self.router(x_TD, ctx)
         x_PD, counts_E, state = self.dispatcher.dispatch(x_TD, routing, self.num_experts)
         y_PD = self.experts(x_PD, counts_E)

@@ -26,6 +26,7 @@ from ..tasks.base import Batch, EvalContext
 from ..tasks.flops import step_flops
 from . import checkpoint as ckpt
 from .checkpoint import rng_state, set_rng_state
+from .compile import StepMode
 from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
 from .pretrained import build_model, resolve_pretrained
@@ -97,7 +98,9 @@ class Trainer:
         if cfg.moe.enabled and cfg.evolve.diversify_steps == 0 and not cfg.model.init_from:
             self.par.fresh_experts(self.model, cfg, self.spawn_gen, self.router_info)
             self.model.to(self.device)
-        self.fwd = self.par.wrap(self.model)  # the module called for training forwards (DDP / FSDP / model)
+        self.mode = StepMode(t.compile, t.precision, self.device, log)  # train.compile, train.precision
+        self.fwd = self.mode.wrap(self.par.wrap(self.model))  # training forwards (DDP / FSDP / model)
+        self.eval_fwd, self.loss_fn = self.mode.wrap(self.model), self.mode.wrap(self.task.loss)
         self.opt = self.par.prepare_optimizer(build_optimizer(self.model, t))
         self.state = RunState()
         self.stop_requested: str | None = None
@@ -197,9 +200,9 @@ class Trainer:
         set_lr(self.opt, self.step_lr)
         batch = self.task.train_batch(step)
         local = self.local(batch)  # this rank's rows of the global batch
-        with self.autocast():
+        with self.mode.autocast():
             out = self.fwd(**local.inputs, gate=self.step_gate)
-            loss = self.task.loss(out, local)
+            loss = self.loss_fn(out, local)
         (loss + out.aux_loss).backward()
         self.par.sync_grads(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -226,10 +229,6 @@ class Trainer:
 
     def local(self, batch: Batch) -> Batch:
         return batch.map(lambda t: self.par.local_batch(t)[0].to(self.device))
-
-    def autocast(self):
-        enabled = self.cfg.train.precision == "bf16"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def skip_step(self, step: int, loss: torch.Tensor, params: list, norms: list) -> None:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -285,8 +284,8 @@ class Trainer:
 
         def forward(batch: Batch):
             local = self.local(batch)
-            with self.autocast():
-                out = self.model(**local.inputs, gate=gate)
+            with self.mode.autocast():
+                out = self.eval_fwd(**local.inputs, gate=gate)
             if out.stats:
                 tokens = sum(float(s.tokens) for s in out.stats) / len(out.stats)
                 per_token = [float(s.pairs) / max(float(s.tokens), 1.0) for s in out.stats]
@@ -333,6 +332,7 @@ class Trainer:
                     tokens_before = self.state.tokens
                     self.train_step(step, interval)
                     dt = time.perf_counter() - tic
+                    self.mode.after_step(step, dt)
                     self.state.train_seconds += dt
                     interval_seconds += dt
                     interval_tokens += self.state.tokens - tokens_before

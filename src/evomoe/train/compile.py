@@ -1,0 +1,100 @@
+"""How the trainer runs a step: ``train.compile`` (torch.compile) and ``train.precision`` (bf16 autocast).
+
+``train.compile = true`` compiles the model's forward (every block, the head) and the task's loss with
+static shapes (``dynamic=False``). The MoE layer's routed path (router, dispatch with a row count per expert
+that changes every step, experts, combine, statistics) is ``torch.compiler.disable``d in
+``moe.layer.MoELayer.forward_routed``: it runs eagerly between compiled regions, so schedule values (the
+DTS temperature, the hard flag) never enter a graph and never recompile, and a run resumed from a checkpoint
+runs the same static graphs as the uninterrupted one (bitwise on CPU). Phase changes recompile a bounded
+number of times: the spawn (a router appears), train vs eval (and ``no_grad``), an eval batch of another
+shape.
+
+``train.precision = "bf16"``: autocast to bfloat16; parameters, gradients and the optimizer state stay fp32
+(the master weights), routers compute in fp32 (they turn autocast off), the attention softmax and the loss
+are computed in fp32. On CPU attention is spelled out in matmuls under bf16
+(``models.blocks.math_attention``): the fused kernel's bf16 backward is several times slower there.
+
+Counters (``torch._dynamo.utils.counters``): graphs compiled, graph breaks, frames compiled after the first
+step (recompiles); the trainer logs them with the warm-up time of the first step and whenever they change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch._dynamo.utils import counters
+
+# phases, train/eval, no_grad and eval shapes each add a cache entry per compiled frame
+RECOMPILE_LIMIT = 64
+
+
+def compile_counts() -> dict[str, int]:
+    """Process-wide dynamo counters: frames compiled, graphs, graph breaks (each break site once per frame
+    compiled)."""
+    return {
+        "frames": int(counters["frames"].get("ok", 0)),
+        "graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+def graph_break_reasons() -> list[str]:
+    """The first line of each distinct graph-break reason seen so far."""
+    return sorted({reason.splitlines()[0] for reason in counters["graph_break"]})
+
+
+class StepMode:
+    """The trainer's precision and compilation policy (one per trainer)."""
+
+    def __init__(
+        self, compile_: bool, precision: str, device: torch.device, log: Callable[[str], None], fresh=True
+    ):
+        """``fresh``: start from an empty compile cache (the trainer; benchmarks keep several models)."""
+        self.compile, self.precision, self.device, self.log = compile_, precision, device, log
+        self.after_first: dict[str, int] | None = None
+        self.last: dict[str, int] = {}
+        if compile_:
+            # a fresh cache per run: graphs compiled for an earlier model in this process would be reused
+            # through recompiles that round differently (measured: ~1e-7 relative from step 1 in bf16), so
+            # a run's numbers would depend on what ran before it; reset, every run matches a fresh process
+            if fresh:
+                torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self.start = compile_counts()
+
+    @property
+    def label(self) -> str:
+        return f"{'compiled' if self.compile else 'eager'} {self.precision}"
+
+    def autocast(self):
+        enabled = self.precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def wrap(self, fn):
+        """``fn`` (a module or a function) compiled with static shapes, or ``fn`` itself when eager."""
+        return torch.compile(fn, dynamic=False) if self.compile else fn
+
+    def counts(self) -> dict[str, int]:
+        now = compile_counts()
+        return {k: now[k] - self.start[k] for k in now}
+
+    def after_step(self, step: int, seconds: float) -> None:
+        """Logs the compile warm-up (the first step's time) and later recompiles, with the counters."""
+        if not self.compile:
+            return
+        now = self.counts()
+        if self.after_first is None:
+            self.after_first = self.last = now
+            breaks = "; ".join(graph_break_reasons()) or "none"
+            self.log(
+                f"train.compile: step {step + 1} took {seconds:.1f} s (compile warm-up): "
+                f"{now['graphs']} graphs, {now['graph_breaks']} graph breaks ({breaks})"
+            )
+        elif now != self.last:
+            self.last = now
+            recompiles = now["frames"] - self.after_first["frames"]
+            self.log(
+                f"train.compile: recompiled before step {step + 1} ({recompiles} frames since step 1, "
+                f"{now['graphs']} graphs, {now['graph_breaks']} graph breaks in all)"
+            )
