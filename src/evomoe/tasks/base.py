@@ -54,6 +54,8 @@ class Task:
     Options: ClassVar[type | None] = None
     model_kinds: ClassVar[tuple[str, ...]] = ()  # the ``kind`` of the models it can train
     default_model: ClassVar[str] = ""  # the registered model ``model.name = "auto"`` means
+    # every training batch has the same shape: ``train.compile`` compiles static graphs (else it runs eager)
+    fixed_shapes: ClassVar[bool] = True
     metric_names: ClassVar[tuple[str, ...]] = ("val_loss",)
     # (metric, label, format) printed when a run ends
     headline: ClassVar[tuple[tuple[str, str, str], ...]] = (("val_loss", "validation loss", ".4f"),)

@@ -79,6 +79,7 @@ class MTTask(Task):
     Options = MTOptions
     model_kinds = ("encdec",)
     default_model = "encdec"
+    fixed_shapes = False  # batches are padded to their longest pair
     metric_names = ("val_loss", "val_ppl", "bleu", "chrf", "bleu_greedy", "chrf_greedy")
     headline = (
         ("val_loss", "validation loss", ".4f"),

@@ -48,9 +48,24 @@ class StepMode:
     """The trainer's precision and compilation policy (one per trainer)."""
 
     def __init__(
-        self, compile_: bool, precision: str, device: torch.device, log: Callable[[str], None], fresh=True
+        self,
+        compile_: bool,
+        precision: str,
+        device: torch.device,
+        log: Callable[[str], None],
+        fresh: bool = True,
+        world_size: int = 1,
+        fixed_shapes: bool = True,
     ):
-        """``fresh``: start from an empty compile cache (the trainer; benchmarks keep several models)."""
+        """``fresh``: start from an empty compile cache (the trainer; benchmarks keep several models).
+        Several processes (torchrun): eager, the compiled step is not tested with DDP / FSDP / EP there.
+        A task whose batches change shape (``Task.fixed_shapes`` false: MT) runs eager too."""
+        if compile_ and world_size > 1:
+            log(f"train.compile: not applied with {world_size} processes (tested on one process only)")
+            compile_ = False
+        if compile_ and not fixed_shapes:
+            log("train.compile: not applied: this task's batches change shape (a static graph per shape)")
+            compile_ = False
         self.compile, self.precision, self.device, self.log = compile_, precision, device, log
         self.after_first: dict[str, int] | None = None
         self.last: dict[str, int] = {}
@@ -62,6 +77,15 @@ class StepMode:
                 torch._dynamo.reset()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.start = compile_counts()
+
+    @classmethod
+    def of(cls, trainer) -> StepMode:
+        """The mode of a ``Trainer``: its ``train.compile``, ``train.precision``, device, processes, task."""
+        t, par = trainer.cfg.train, trainer.par
+        fixed = trainer.task.fixed_shapes
+        return cls(
+            t.compile, t.precision, trainer.device, trainer.log, world_size=par.world_size, fixed_shapes=fixed
+        )
 
     @property
     def label(self) -> str:

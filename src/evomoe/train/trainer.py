@@ -98,7 +98,7 @@ class Trainer:
         if cfg.moe.enabled and cfg.evolve.diversify_steps == 0 and not cfg.model.init_from:
             self.par.fresh_experts(self.model, cfg, self.spawn_gen, self.router_info)
             self.model.to(self.device)
-        self.mode = StepMode(t.compile, t.precision, self.device, log)  # train.compile, train.precision
+        self.mode = StepMode.of(self)  # train.compile, train.precision
         self.fwd = self.mode.wrap(self.par.wrap(self.model))  # training forwards (DDP / FSDP / model)
         self.eval_fwd, self.loss_fn = self.mode.wrap(self.model), self.mode.wrap(self.task.loss)
         self.opt = self.par.prepare_optimizer(build_optimizer(self.model, t))
