@@ -119,6 +119,6 @@ class StepMode:
             self.last = now
             recompiles = now["frames"] - self.after_first["frames"]
             self.log(
-                f"train.compile: recompiled before step {step + 1} ({recompiles} frames since step 1, "
+                f"train.compile: recompiled by step {step + 1} ({recompiles} frames since step 1, "
                 f"{now['graphs']} graphs, {now['graph_breaks']} graph breaks in all)"
             )
