@@ -87,10 +87,6 @@ class StepMode:
             t.compile, t.precision, trainer.device, trainer.log, world_size=par.world_size, fixed_shapes=fixed
         )
 
-    @property
-    def label(self) -> str:
-        return f"{'compiled' if self.compile else 'eager'} {self.precision}"
-
     def autocast(self):
         enabled = self.precision == "bf16"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -110,7 +106,7 @@ class StepMode:
         now = self.counts()
         if self.after_first is None:
             self.after_first = self.last = now
-            breaks = "; ".join(graph_break_reasons()) or "none"
+            breaks = "; ".join(graph_break_reasons()) if now["graph_breaks"] else "none"
             self.log(
                 f"train.compile: step {step + 1} took {seconds:.1f} s (compile warm-up): "
                 f"{now['graphs']} graphs, {now['graph_breaks']} graph breaks ({breaks})"
