@@ -24,9 +24,13 @@ def curve(final: float, budget: float) -> list[dict]:
     return [{"step": 10 * i, "val_loss": final + 1.0 - 0.25 * i, "flops": budget * i / 4} for i in range(5)]
 
 
-def write_run(out: Path, method: str, seed: int, budget: float, final: float) -> None:
+CAP = 100000  # train.steps given: the cap at the largest budget, B2; B1's is a quarter of it
+
+
+def write_run(out: Path, method: str, seed: int, budget: float, final: float, steps: int = 0) -> None:
     """A finished run as ``compare`` leaves it: the method's config, results, metrics, evaluations."""
-    base = load_config("tiny", [f"--train.max_flops={budget}", "--train.steps=100000"])
+    steps = steps or math.ceil(CAP * budget / B2)
+    base = load_config("tiny", [f"--train.max_flops={budget}", f"--train.steps={steps}"])
     run = budget_dir(out, budget) / "runs" / f"{method}-s{seed}"
     run.mkdir(parents=True)
     (run / "config.toml").write_text(to_toml(method_config(base, method, seed)), encoding="utf-8")
@@ -83,8 +87,10 @@ def test_crossover_tables_and_plots_from_finished_runs(tmp_path, capsys):
     assert "| switch | +0.2400 (se " in md
     for png in ("crossover_loss_vs_flops.png", "crossover_delta_vs_flops.png"):
         assert (out / png).stat().st_size > 1000
-    for b in (B1, B2):  # each budget is an ordinary comparison too
+    for b, steps in ((B1, CAP // 4), (B2, CAP)):  # each budget is an ordinary comparison too ...
         assert (budget_dir(out, b) / "compare.md").is_file()
+        base = load_config(str(budget_dir(out, b) / "base_config.toml"), saved=True)
+        assert base.train.steps == steps and base.train.max_flops == b  # ... with the cap scaled to it
     assert "crossover.md" in capsys.readouterr().out
 
 
@@ -116,7 +122,7 @@ def test_budget_list_errors_name_the_flag_and_value():
 
 def test_one_budget_is_an_ordinary_comparison(tmp_path):
     out = tmp_path / "one"
-    write_run(tmp_path / "x", "dense", 0, B1, 4.0)  # a run laid out for a budget directory ...
+    write_run(tmp_path / "x", "dense", 0, B1, 4.0, steps=CAP)  # a run laid out for a budget directory ...
     src = budget_dir(tmp_path / "x", B1) / "runs"
     (out / "runs").mkdir(parents=True)
     src.rename(out / "runs")  # ... moved where a one-budget comparison keeps it
@@ -124,3 +130,12 @@ def test_one_budget_is_an_ordinary_comparison(tmp_path):
             "--tabulate-only", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert (out / "compare.md").is_file() and not (out / "crossover.md").exists()
+
+
+@pytest.mark.parametrize("preset", ["default", "crossover"])
+def test_every_shipped_method_is_valid_on_the_study_presets(preset):
+    from evomoe.compare import method_names  # noqa: PLC0415
+
+    base = load_config(preset, [])
+    for name in method_names():
+        method_config(base, name, 0)  # validated: a ConfigError names the field

@@ -8,7 +8,9 @@ standard error and z (when both have several seeds); and, at the largest budget,
 needed to reach the dense model's final loss there (read off its validation curve, linearly between
 evaluations) as a share of the dense model's. ``crossover_loss_vs_flops.png`` and
 ``crossover_delta_vs_flops.png`` plot both. A method missing at a budget (not run yet, or left out by
-``--tabulate-only``) is an empty cell, never a guess.
+``--tabulate-only``) is an empty cell, never a guess. ``train.steps`` is the cap at the largest budget; a
+smaller budget gets it scaled by its share (``budget_overrides``), so what is planned on the cap keeps its
+share of every run.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def cmd_compare_budgets(args, extra: list[str]) -> int:
     if len(budgets) <= 1:
         args.flops = budgets[0] if budgets else None
         return cmd_compare(args, extra)
-    bases = {b: load_config(args.config or "default", split_overrides(extra) + [f"--train.max_flops={b}"])
+    overrides = split_overrides(extra)
+    cap = load_config(args.config or "default", overrides).train.steps  # the cap at the largest budget
+    bases = {b: load_config(args.config or "default", overrides + budget_overrides(b, budgets, cap))
              for b in budgets}  # fmt: skip
     methods = {b: check_methods(base, args) for b, base in bases.items()}  # every config checked first
     command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
@@ -82,6 +86,14 @@ def cmd_compare_budgets(args, extra: list[str]) -> int:
     print(md.read_text())
     print(f"written: {md} and {out / 'crossover.json'}; one compare.md per budget in {out}/flops-*/")
     return 0
+
+
+def budget_overrides(budget: float, budgets: list[float], cap: int) -> list[str]:
+    """The budget, and ``train.steps`` (the cap, given for the largest budget) scaled by the budget's share:
+    what is planned on the step cap (StableMoE's stage 1, step-clock schedules) keeps its share of the run
+    at every budget."""
+    steps = max(1, math.ceil(cap * budget / max(budgets)))
+    return [f"--train.max_flops={budget}", f"--train.steps={steps}"]
 
 
 # --------------------------------------------------------------------------------------------- tables
