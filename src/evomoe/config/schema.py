@@ -74,6 +74,10 @@ class EvolveConfig:
     zero_sum_noise: bool = False  # copy noise on the output weights only, centred over the experts
     keep_one: bool = True  # mask/reinit: expert 0 keeps the unmodified base weights
     opt_state: str = "fresh"  # fresh | copy: optimizer moments of the spawned experts
+    # fine-grained experts (moe.expert_width < 1) from the dense FFN: none keeps each expert's block of
+    # hidden units as is; mean scales each unit's output row by E / (experts holding it), so that the
+    # experts' mean is the dense FFN (a normalised gate over every expert computes it at the spawn)
+    narrow_scale: str = "none"
 
 
 @dataclass

@@ -88,6 +88,7 @@ def _evolve_and_gate(cfg: Any) -> None:
     check(0.0 <= e.ratio < 1.0, "evolve.ratio", e.ratio, "must be in [0, 1)")
     check(0.0 <= e.noise < math.inf, "evolve.noise", e.noise, "must be finite and >= 0")
     choice("evolve.opt_state", e.opt_state, s.OPT_STATE_MODES)
+    choice("evolve.narrow_scale", e.narrow_scale, ("none", "mean"))
     check(g.tau_max > 0 and math.isfinite(g.tau_max), "gate.tau_max", g.tau_max, "must be > 0")
     check(0 < g.tau_min <= g.tau_max, "gate.tau_min", g.tau_min, f"must be in (0, tau_max={g.tau_max}]")
     choice("gate.decay", g.decay, s.DECAYS)
