@@ -123,6 +123,9 @@ class TrainConfig:
     steps: int = 1000  # a cap on optimizer steps (with max_flops: the budget usually ends the run first)
     max_flops: float = 0.0  # training FLOPs budget: stop once this many were executed; 0: none
     batch_size: int = 16
+    # micro-batches per optimizer step: the step's rows in this many blocks, one forward + backward each
+    # (less memory; gradients of the mean loss; balance = "global" counts the whole step)
+    accum_steps: int = 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50

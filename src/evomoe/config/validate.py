@@ -139,8 +139,15 @@ def _train(cfg: Any) -> None:
         "eval_batches",
         "ckpt_every",
         "keep_checkpoints",
+        "accum_steps",
     ):
         check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "must be >= 1")
+    check(
+        t.batch_size % t.accum_steps == 0,
+        "train.accum_steps",
+        t.accum_steps,
+        f"must divide train.batch_size = {t.batch_size} (micro-batches of equal rows)",
+    )
     check(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be > 0")
     check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
