@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 OUT ?= runs/default
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean tiny-tables
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+
+# docs/results.md sections 4-5 and the README numbers from them against fresh runs (~12 min on 2 cores);
+# exit 1 when a documented value is stale. `$(BIN)/python benchmarks/tiny_tables.py --write` rewrites them.
+tiny-tables: $(STAMP)
+	$(BIN)/python benchmarks/tiny_tables.py --out runs/tiny_tables
 
 clean:
 	rm -rf $(VENV) runs

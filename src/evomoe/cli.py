@@ -371,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "config": cmd_config}
     handlers.update(export=cmd_export, generate=cmd_generate)
     if args.command in ("compare", "sweep"):
-        from .compare import cmd_compare  # noqa: PLC0415
+        from .crossover import cmd_compare_budgets  # noqa: PLC0415
         from .sweep import cmd_sweep  # noqa: PLC0415
 
-        handlers.update(compare=cmd_compare, sweep=cmd_sweep)
+        handlers.update(compare=cmd_compare_budgets, sweep=cmd_sweep)
     from .train.checkpoint import CheckpointError  # noqa: PLC0415
     from .train.trainer import TrainingError  # noqa: PLC0415
 

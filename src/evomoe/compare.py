@@ -22,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .compare_report import plot_curves, write_markdown
 from .config import (
     Config,
     ConfigError,
@@ -34,7 +35,7 @@ from .config import (
 )
 from .errors import CLIError
 from .train.metrics import read_jsonl
-from .verdict import check_lines, target_check
+from .verdict import target_check
 
 METHOD_DIR = Path(__file__).resolve().parent / "methods"
 DEFAULT_METHODS = "dts,switch,gshard,base,hash,stablemoe,soft,dense"
@@ -174,31 +175,6 @@ def equal_budgets(runs: dict[str, list[dict]], max_flops: float = 0.0) -> dict:
     return {"steps": steps, "flops": flops, "max_flops": max_flops, "methods": table}
 
 
-def budget_lines(budgets: dict) -> list[str]:
-    """The markdown table of ``equal_budgets``."""
-    if budgets["steps"] is None:
-        return []
-    lines = [
-        "",
-        f"Equal budgets: validation loss at {budgets['steps']} steps and at {budgets['flops']:.4g} training "
-        "FLOPs executed (the largest each run reached; linear between evaluations). Entropy: mean routing "
-        "entropy (nats) over the run; diversity: the experts' mean pairwise cosine distance at the end.",
-        "",
-        f"| method | val loss at {budgets['steps']} steps | val loss at {budgets['flops']:.3g} FLOPs "
-        "| steps run | FLOPs run | entropy | diversity |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m, r in budgets["methods"].items():
-        cell = lambda v: "n/a" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}"  # noqa: E731
-        short = f" ({r['short_of_budget']} stopped by train.steps)" if r["short_of_budget"] else ""
-        div = "-" if r["expert_diversity"] is None else f"{r['expert_diversity']:.3f}"
-        lines.append(
-            f"| {m} | {cell(r['loss_at_steps'])} | {cell(r['loss_at_flops'])} "
-            f"| {r['final_steps']:.0f}{short} | {r['final_flops']:.3g} | {r['entropy']:.2f} | {div} |"
-        )
-    return lines
-
-
 def _mean_spread(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -245,99 +221,39 @@ def aggregate(runs: dict[str, list[dict]], target_method: str = "switch") -> dic
     return {"target_method": target_method, "target_val_loss": target, "methods": table}
 
 
-def _fmt(x, spec: str) -> str:
-    return "not reached" if x is None else format(x, spec)
-
-
-def write_markdown(
-    summary: dict, out: Path, command: str, budgets: dict | None = None, check: dict | None = None
-) -> Path:
-    t = summary["target_val_loss"]
-    lines = [
-        "# evomoe compare",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Target: the {summary['target_method']} baseline's mean final validation loss"
-        + (f" = {t:.4f}" if t is not None else " (not run)"),
-        "",
-        "| method | seeds | val loss (mean ± std) | val ppl | train FLOPs | tokens/s | experts/token "
-        "| dropped | steps to target | FLOPs to target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    extra = list(next(iter(summary["methods"].values()), {}).get("metrics", {}))
-    if extra:
-        lines[-2] = lines[-2].removesuffix(" |") + " | " + " | ".join(extra) + " |"
-        lines[-1] += "---|" * len(extra)
-    for m, r in summary["methods"].items():
-        cells = "".join(f" {mean:.4g} ± {std:.2g} |" for mean, std in r.get("metrics", {}).values())
-        lines.append(
-            f"| {m} | {len(r['seeds'])} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} "
-            f"| {r['train_flops']:.3g} "
-            f"| {r['tokens_per_s']:,.0f} | {r['experts_per_token']:.2f} | {r['dropped_fraction']:.3f} "
-            f"| {_fmt(r['steps_to_target'], '.0f')} ({r['reached']}) | {_fmt(r['flops_to_target'], '.3g')} |"
-            + cells
-        )
-    lines += budget_lines(budgets) if budgets else []
-    lines += check_lines(check)
-    lines += [
-        "",
-        "![validation loss vs step](val_loss_vs_step.png)",
-        "",
-        "![validation loss vs FLOPs](val_loss_vs_flops.png)",
-    ]
-    path = out / "compare.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def plot_curves(runs: dict[str, list[dict]], out: Path, budgets: dict | None = None) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    for key, label, fname in (
-        ("step", "step", "val_loss_vs_step.png"),
-        ("flops", "training FLOPs executed", "val_loss_vs_flops.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        for method, rs in runs.items():
-            curves = [r["stats"]["evals"] for r in rs]
-            n = min(len(c) for c in curves)
-            if n == 0:
-                continue
-            xs = [statistics.fmean(c[i][key] for c in curves) for i in range(n)]
-            ys = [statistics.fmean(c[i]["val_loss"] for c in curves) for i in range(n)]
-            ax.plot(xs, ys, "o-", ms=3, label=method)
-        at = (budgets or {}).get("steps" if key == "step" else "flops")
-        if at is not None:  # where the budget table reads every method at an equal budget
-            what = "steps" if key == "step" else "FLOPs"
-            ax.axvline(at, color="grey", ls="--", lw=1, label=f"equal {what}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (mean over seeds)")
-        if key == "flops":
-            ax.set_xscale("log")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-
-
 def cmd_compare(args, extra: list[str]) -> int:
+    """One budget (``--flops X`` or none); several budgets go through ``crossover.cmd_compare_budgets``."""
     budget = [] if args.flops is None else [f"--train.max_flops={args.flops}"]
     base = load_config(args.config or "default", split_overrides(extra) + budget)
+    methods = check_methods(base, args)
+    command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    out = Path(args.out)
+    compare_methods(base, methods, args, out, command, log)
+    print((out / "compare.md").read_text())
+    print(f"written: {out / 'compare.md'} and {out / 'compare.json'}")
+    return 0
+
+
+def check_methods(base: Config, args) -> list[str]:
+    """The method list of ``--methods``, every method's config checked before the first run starts."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        method_config(base, m, base.train.seed)  # every method checked before the first run starts
+        method_config(base, m, base.train.seed)
     if args.candidate is not None and args.candidate not in [method_label(m) for m in methods]:
         raise ConfigError(f"--candidate = '{args.candidate}': not one of --methods ({args.methods})")
     if args.seeds < 1:
         raise ConfigError(f"--seeds = {args.seeds}: must be >= 1")
-    out = Path(args.out)
+    return methods
+
+
+def compare_methods(
+    base: Config, methods: list[str], args, out: Path, command: str, log
+) -> tuple[dict, dict]:
+    """Train (or reuse) every (method, seed) run of one budget in ``out``; write compare.md/.json and the
+    plots. Returns (the compare.json record, method -> that method's run summaries)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "base_config.toml").write_text(to_toml(base), encoding="utf-8")
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     runs: dict[str, list[dict]] = {}
     for method in methods:
         for i in range(args.seeds):
@@ -356,15 +272,12 @@ def cmd_compare(args, extra: list[str]) -> int:
         raise CLIError(f"--tabulate-only: no finished run of {args.methods} in '{out}'")
     summary = aggregate(runs)
     budgets = equal_budgets(runs, base.train.max_flops)
-    command = "evomoe compare " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
     check = target_check(summary, budgets, method_label(args.candidate or methods[0]), runs=runs)
     record = {"command": command, **summary, "budgets": budgets, "target_check": check}
     (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
     plot_curves(runs, out, budgets)
-    md = write_markdown(summary, out, command, budgets, check)
-    print(md.read_text())
-    print(f"written: {md} and {out / 'compare.json'}")
-    return 0
+    write_markdown(summary, out, command, budgets, check)
+    return record, runs
 
 
 def add_compare_parser(sub) -> None:
@@ -392,8 +305,9 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--out", required=True, help="directory for the runs, compare.md and compare.json")
     c.add_argument(
         "--flops",
-        type=float,
         default=None,
-        help="the same training FLOPs budget for every method (train.max_flops); train.steps stays a cap",
+        help="the same training FLOPs budget for every method (train.max_flops; train.steps stays a cap); "
+        "several, comma-separated (4e12,1.6e13,5e13): every method at each budget in DIR/flops-<budget>/, "
+        "and crossover.md with validation loss and (MoE - dense) vs FLOPs",
     )
     c.set_defaults(command_line=None)

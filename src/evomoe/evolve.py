@@ -95,6 +95,20 @@ def expert_hidden(cfg: Config, d_ff: int) -> int:
     return max(1, round(cfg.moe.expert_width * d_ff))
 
 
+def narrow_units(E: int, width: int, d_ff: int) -> torch.Tensor:
+    """[E, width]: the dense FFN's hidden units each fine-grained expert keeps."""
+    return (torch.arange(E).unsqueeze(1) * width + torch.arange(width)) % d_ff
+
+
+def mean_scale(w2_ENd: torch.Tensor, d_ff: int) -> torch.Tensor:
+    """``evolve.narrow_scale = "mean"``: each kept unit's output row times E / (experts holding the unit),
+    so that the mean over the experts of their outputs is the dense FFN's (units no expert holds are lost)."""
+    E, width = w2_ENd.shape[0], w2_ENd.shape[1]
+    idx_EN = narrow_units(E, width, d_ff)
+    holders_F = torch.bincount(idx_EN.reshape(-1), minlength=d_ff).to(w2_ENd.dtype)
+    return w2_ENd * (E / holders_F[idx_EN]).unsqueeze(2).to(w2_ENd.device)
+
+
 def narrow_experts(
     w1_EDH: torch.Tensor, w2_EFD: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +118,7 @@ def narrow_experts(
     if width == d_ff:
         return w1_EDH, w2_EFD
     swiglu = w1_EDH.shape[2] == 2 * d_ff
-    idx_EN = (torch.arange(E).unsqueeze(1) * width + torch.arange(width)) % d_ff
+    idx_EN = narrow_units(E, width, d_ff)
     w1 = torch.stack([w1_EDH[e][:, _neuron_columns(idx_EN[e], d_ff, swiglu)] for e in range(E)])
     w2 = torch.stack([w2_EFD[e][idx_EN[e]] for e in range(E)])
     return w1.contiguous(), w2.contiguous()
@@ -162,6 +176,8 @@ def spawn_layer(layer: MoELayer, cfg: Config, generator: torch.Generator, **rout
     with torch.no_grad():
         w1, w2 = spawn_weights(old.w1_EDH.data[0], old.w2_EFD.data[0], E, cfg, generator)
         w1, w2 = narrow_experts(w1, w2, width)
+        if cfg.evolve.narrow_scale == "mean" and width < old.d_ff:
+            w2 = mean_scale(w2, old.d_ff)
         new.w1_EDH.copy_(w1)
         new.w2_EFD.copy_(w2)
         if old.bias:

@@ -97,3 +97,46 @@ def nonfinite_on_one_rank(rank: int, world: int, root: str) -> None:
             if same_shard or id(dict(trainer.model.named_parameters())[name]) not in trainer.par.sharded:
                 assert h == mine[name], f"rank {r} and rank {rank} differ in {name}"
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+TIMING = ("tokens_per_s", "train_seconds", "a2a_seconds_per_step", "router_gather_seconds_per_step")
+
+
+def resume_is_bitwise(rank: int, world: int, root: str, dp_shard: str) -> None:
+    """A 4-process run resumed from its checkpoints of step 2 (dense phase) and step 4 (after the spawn at
+    step 3) logs bitwise the losses, gradient norms and weights of the uninterrupted 4-process run. With 4
+    ranks the all-reduce's summation order depends on where a gradient sits in its bucket (2 ranks add in
+    one order only), so the dense gradients' bucket layout must not depend on when the job started."""
+    import json  # noqa: PLC0415
+
+    root = Path(root) / f"resume_{dp_shard}"
+    cfg = lambda: train_cfg(ep=2, dp_shard=dp_shard)  # noqa: E731
+    c = cfg()
+    c.train.log_every, c.train.ckpt_every, c.train.keep_checkpoints = 1, 2, 10
+    whole = run_trainer(c, root / "whole", env_of_rank())
+    want = weights_of(whole)
+    rows = lambda d: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if k not in TIMING}
+        for line in (root / d / "metrics.jsonl").read_text().splitlines()
+    ]
+    got = {}
+    for at in (2, 4):  # every rank runs both resumes before rank 0 checks (a failed check must not hang)
+        c = cfg()
+        c.train.log_every, c.train.ckpt_every, c.train.keep_checkpoints = 1, 2, 10
+        ckpt = root / "whole" / "checkpoints" / f"step_{at:08d}"
+        got[at] = weights_of(run_trainer(c, root / f"from{at}", env_of_rank(), ckpt))
+    if rank != 0:
+        return
+    problems = []
+    for at in (2, 4):
+        uninterrupted = [r for r in rows("whole") if r["step"] > at]
+        resumed = rows(f"from{at}")
+        assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted], resumed
+        for r, u in zip(resumed, uninterrupted, strict=True):
+            diff = {k: (r[k], u.get(k)) for k in r if r[k] != u.get(k)}
+            if diff:
+                problems.append(f"resumed at step {at}: step {r['step']} differs: {diff}")
+        problems += [
+            f"resumed at step {at}: {n} differs" for n, w in want.items() if not torch.equal(got[at][n], w)
+        ]
+    assert not problems, f"{dp_shard}: " + "\n".join(problems)

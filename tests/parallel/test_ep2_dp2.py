@@ -1,6 +1,6 @@
 """Expert parallel 2 x data parallel 2 over 4 gloo processes, one launch: one step against one process
 (the replica all-reduce of expert gradients), fresh experts (diversify_steps = 0) trained for 8 steps,
-SIGTERM on one rank, and a non-finite gradient on one rank."""
+SIGTERM on one rank, a non-finite gradient on one rank, and resumes bitwise equal to the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from dist_harness import run_ranks
 from dist_workers import all_parts, equivalence
-from dist_workers4 import fresh_experts_ep, nonfinite_on_one_rank, sigterm_on_one_rank
+from dist_workers4 import fresh_experts_ep, nonfinite_on_one_rank, resume_is_bitwise, sigterm_on_one_rank
 from test_ep_parallel import part_result
 
 pytestmark = pytest.mark.distributed
@@ -29,6 +29,8 @@ def launched(tmp_path_factory) -> Path:
         "fresh": (fresh_experts_ep, (str(root),)),
         "sigterm": (sigterm_on_one_rank, (str(root),)),
         "nonfinite": (nonfinite_on_one_rank, (str(root),)),
+        "resume_ddp": (resume_is_bitwise, (str(root), "ddp")),
+        "resume_fsdp": (resume_is_bitwise, (str(root), "fsdp")),
     }
     run_ranks(all_parts, 4, str(root), parts)
     return root
@@ -52,3 +54,11 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(launched):
 
 def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(launched):
     done(launched, "nonfinite")
+
+
+def test_a_resumed_4_process_run_is_bitwise_the_uninterrupted_one(launched):
+    done(launched, "resume_ddp")
+
+
+def test_a_resumed_4_process_fsdp_run_is_bitwise_the_uninterrupted_one(launched):
+    done(launched, "resume_fsdp")

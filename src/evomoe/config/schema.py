@@ -74,6 +74,10 @@ class EvolveConfig:
     zero_sum_noise: bool = False  # copy noise on the output weights only, centred over the experts
     keep_one: bool = True  # mask/reinit: expert 0 keeps the unmodified base weights
     opt_state: str = "fresh"  # fresh | copy: optimizer moments of the spawned experts
+    # fine-grained experts (moe.expert_width < 1) from the dense FFN: none keeps each expert's block of
+    # hidden units as is; mean scales each unit's output row by E / (experts holding it), so that the
+    # experts' mean is the dense FFN (a normalised gate over every expert computes it at the spawn)
+    narrow_scale: str = "none"
 
 
 @dataclass
@@ -119,6 +123,9 @@ class TrainConfig:
     steps: int = 1000  # a cap on optimizer steps (with max_flops: the budget usually ends the run first)
     max_flops: float = 0.0  # training FLOPs budget: stop once this many were executed; 0: none
     batch_size: int = 16
+    # micro-batches per optimizer step: the step's rows in this many blocks, one forward + backward each
+    # (less memory; gradients of the mean loss; balance = "global" counts the whole step)
+    accum_steps: int = 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50

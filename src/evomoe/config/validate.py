@@ -88,6 +88,7 @@ def _evolve_and_gate(cfg: Any) -> None:
     check(0.0 <= e.ratio < 1.0, "evolve.ratio", e.ratio, "must be in [0, 1)")
     check(0.0 <= e.noise < math.inf, "evolve.noise", e.noise, "must be finite and >= 0")
     choice("evolve.opt_state", e.opt_state, s.OPT_STATE_MODES)
+    choice("evolve.narrow_scale", e.narrow_scale, ("none", "mean"))
     check(g.tau_max > 0 and math.isfinite(g.tau_max), "gate.tau_max", g.tau_max, "must be > 0")
     check(0 < g.tau_min <= g.tau_max, "gate.tau_min", g.tau_min, f"must be in (0, tau_max={g.tau_max}]")
     choice("gate.decay", g.decay, s.DECAYS)
@@ -138,8 +139,15 @@ def _train(cfg: Any) -> None:
         "eval_batches",
         "ckpt_every",
         "keep_checkpoints",
+        "accum_steps",
     ):
         check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "must be >= 1")
+    check(
+        t.batch_size % t.accum_steps == 0,
+        "train.accum_steps",
+        t.accum_steps,
+        f"must divide train.batch_size = {t.batch_size} (micro-batches of equal rows)",
+    )
     check(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be > 0")
     check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")

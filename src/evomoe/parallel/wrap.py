@@ -118,7 +118,16 @@ class Parallel:
         ids = None
         if self.device.type == "cuda":  # "cuda" means the device cli selected from LOCAL_RANK
             ids = [torch.cuda.current_device() if self.device.index is None else self.device.index]
-        return DDP(model, device_ids=ids)
+        # A fixed bucket layout, so that a resumed job reduces exactly as the uninterrupted one. By default
+        # DDP puts every gradient in one bucket for its first step and then rebuilds the buckets once, in the
+        # order gradients became ready in that step: a job restarted from a checkpoint would run one step
+        # with the single bucket and then lay out buckets by the backward order of a later phase. With more
+        # than 2 ranks the all-reduce's summation order depends on an element's offset in its bucket
+        # (gloo's and NCCL's ring chunks), so the resumed losses drifted in the last bits. With
+        # find_unused_parameters DDP never rebuilds: the buckets are fixed at construction, by the reversed
+        # parameter order (the backward's order, roughly). Its cost: one walk of the autograd graph per
+        # forward and one small all-reduce of the used-parameter map per step.
+        return DDP(model, device_ids=ids, find_unused_parameters=True)
 
     # ------------------------------------------------------------------------------------------ evolve
     def _shard_layer(self, layer, layer_mapping: dict) -> dict:

@@ -8,11 +8,12 @@ statistics stay on the device until a log line; then every router's ``on_step`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from ..config import Config, to_dict
 from ..moe.router import GateState
 from ..parallel.base import NullWriter, make_parallel
-from ..registry import MODELS, ROUTERS, TASKS
+from ..registry import ROUTERS
 from ..schedule import Schedules, build_schedules
 from ..tasks.base import Batch, EvalContext
 from ..tasks.flops import step_flops
@@ -31,41 +32,8 @@ from .metrics import IntervalStats, JsonlWriter, truncate_jsonl
 from .optim import build_optimizer, rebuild_after_spawn, set_lr
 from .pretrained import build_model, resolve_pretrained
 from .readout import expert_diversity_row, host_scalars
+from .setup import Micro, RunState, TrainingError, build_task, check_accumulation, model_class, pick_device
 from .tensorboard import open_sink
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite steps); the message says why and what to do."""
-
-
-@dataclass
-class RunState:
-    step: int = 0  # optimizer steps done
-    flops: float = 0.0  # cumulative training FLOPs executed
-    tokens: int = 0
-    skipped_total: int = 0
-    skipped_in_a_row: int = 0
-    train_seconds: float = 0.0
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device = 'cuda' but no CUDA device is available (use 'cpu' or 'auto')")
-    return torch.device(name)
-
-
-def build_task(cfg: Config, env: Mapping[str, str], log: Callable[[str], None], data=None):
-    """The configured task; ``data`` (tests, benchmarks) replaces the corpus a task would load."""
-    cls = TASKS.get(cfg.task.name)
-    return cls(cfg, env, log, data=data) if data is not None else cls(cfg, env, log)
-
-
-def model_class(cfg: Config) -> type:
-    """The configured model; ``model.name = auto`` is the task's default model."""
-    name = cfg.model.name
-    return MODELS.get(TASKS.get(cfg.task.name).default_model if name == "auto" else name)
 
 
 class Trainer:
@@ -86,6 +54,7 @@ class Trainer:
         # parallel: NoParallel (plain single-device behaviour) unless launched by torchrun (WORLD_SIZE > 1)
         self.par = make_parallel(cfg, env or {}, self.device, log)
         self.show_progress = progress and self.par.is_main
+        check_accumulation(t.batch_size, t.accum_steps, self.par.world_size)
         torch.manual_seed(t.seed)
         resolve_pretrained(cfg)  # model.init_from: the model's shape from its directory
         self.task = self.par.main_first(lambda: build_task(cfg, env or {}, log, data))
@@ -199,11 +168,7 @@ class Trainer:
         self.step_lr, self.step_gate = self.schedules.lr(step, self.state.flops), self.gate_state(step)
         set_lr(self.opt, self.step_lr)
         batch = self.task.train_batch(step)
-        local = self.local(batch)  # this rank's rows of the global batch
-        with self.mode.autocast():
-            out = self.fwd(**local.inputs, gate=self.step_gate)
-            loss = self.loss_fn(out, local)
-        (loss + out.aux_loss).backward()
+        micro = self.forward_backward(self.local(batch))  # this rank's rows of the global batch
         self.par.sync_grads(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -212,8 +177,12 @@ class Trainer:
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
         pre_clip_norms = torch._foreach_norm(grads) if grads else []
         grad_norm = self.par.clip_grad_norm(self.model, params, clip)
-        finite, flops = self.step_scalars(loss + out.aux_loss, grad_norm, out, local)
+        finite, flops = True, 0.0
+        for m in micro:
+            ok, f = self.step_scalars(m.loss + m.aux_loss, grad_norm, m, m.batch)
+            finite, flops = finite and ok, flops + f
         finite, flops = self.par.reduce_step(finite, flops, self.stop_requested)  # agreed by all ranks
+        loss = micro[0].loss if len(micro) == 1 else torch.stack([m.loss for m in micro]).mean()
         if not finite:
             self.skip_step(step, loss, params, pre_clip_norms)
         else:
@@ -223,9 +192,28 @@ class Trainer:
         for layer in self.model.moe_layers():  # router hooks (bias updates, adaptive coefficients, ...)
             if layer.router is not None:
                 layer.router.on_step(step)
-        interval.add(loss, out.aux, out.stats, grad_norm)
+        for m in micro:
+            interval.add(m.loss, m.aux, m.stats, grad_norm)
         self.state.flops += flops
         self.state.tokens += batch.num_tokens
+
+    def forward_backward(self, local: Batch) -> list[Micro]:
+        """Forward and backward over this rank's rows in ``train.accum_steps`` micro-batches (row blocks):
+        each one's loss and aux loss divided by their number, so the gradients add up to those of the mean;
+        data-parallel gradients are reduced once, after the last. Keeps only what the step reads later."""
+        n = self.cfg.train.accum_steps
+        parts = [local] if n == 1 else [local.map(lambda t, i=i: t.tensor_split(n)[i]) for i in range(n)]
+        micro = []
+        for i, part in enumerate(parts):
+            no_sync = getattr(self.fwd, "no_sync", None) if i < n - 1 else None
+            with self.mode.autocast(), (no_sync() if no_sync else contextlib.nullcontext()):
+                out = self.fwd(**part.inputs, gate=self.step_gate)
+                loss = self.loss_fn(out, part)
+                total = loss + out.aux_loss
+                (total if n == 1 else total / n).backward()
+            aux = {k: v.detach() for k, v in out.aux.items()}
+            micro.append(Micro(loss.detach(), out.aux_loss.detach(), aux, out.stats, out.ffn_rows, part))
+        return micro
 
     def local(self, batch: Batch) -> Batch:
         return batch.map(lambda t: self.par.local_batch(t)[0].to(self.device))

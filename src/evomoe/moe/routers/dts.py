@@ -51,6 +51,8 @@ class DTSRouter(Router):
     dense_to_sparse = True
     default_gate_init = "zeros"  # a uniform start; the Gumbel noise breaks ties
 
+    final_k = 1  # experts per token in the hard phase and at evaluation
+
     def __init__(self, spec: RouterSpec) -> None:
         super().__init__(spec)
         self.cfg = self.opts
@@ -114,10 +116,11 @@ class DTSRouter(Router):
         w_TE = self.combine_weights(combine_TE, sel_TE)
         fixed_k = None
         if (ctx.gate.hard or not trains) and ctx.valid_T is None:
-            # exactly one expert per token: the same pairs without a nonzero (a host sync), fixed k = 1
-            expert_T1 = sel_TE.to(torch.uint8).argmax(-1, keepdim=True)
-            token_P, expert_P, weight_P = pairs_from_topk(expert_T1, w_TE.gather(1, expert_T1))
-            fixed_k = 1
+            # exactly final_k experts per token: the same pairs without a nonzero (a host sync), fixed k
+            k = self.final_k
+            expert_TK = sel_TE.to(torch.uint8).topk(k, -1).indices.sort(-1).values
+            token_P, expert_P, weight_P = pairs_from_topk(expert_TK, w_TE.gather(1, expert_TK))
+            fixed_k = k
         else:
             token_P, expert_P, weight_P = pairs_from_mask(sel_TE, w_TE)
         if self.balancer is None:

@@ -64,9 +64,14 @@ class TopKOptions:
     z_loss_weight: float = 0.0
     balance: str = "batch"  # none | batch | sequence | global (moe/balance.py; f: first choices per token)
     bias_rate: float = 0.0  # aux-loss-free selection bias step (DeepSeek-V3: 0.001); 0: off
+    # k == 1: the chosen expert's weight. prob: its gate probability p (Switch; with a near-uniform gate the
+    # output starts at about 1/E of the expert's); normalized: p / detached p (value 1, gradient d log p);
+    # straight_through: 1 + p - detached p (value 1, gradient dp)
+    top1_weight: str = "prob"
 
     def validate(self, cfg, prefix: str) -> None:
         choice(f"{prefix}.balance", self.balance, BALANCE_KINDS)
+        choice(f"{prefix}.top1_weight", self.top1_weight, TOP1_WEIGHTS)
         E = cfg.moe.num_experts
         check(1 <= self.k <= E, f"{prefix}.k", self.k, f"must be in [1, num_experts={E}]")
         check(
@@ -77,6 +82,18 @@ class TopKOptions:
         )
         choice(f"{prefix}.second_policy", self.second_policy, ("all", "sampling", "random"))
         finite_nonneg(prefix, self, ("aux_weight", "z_loss_weight", "bias_rate"))
+
+
+TOP1_WEIGHTS = ("prob", "normalized", "straight_through")
+
+
+def top1_weight(p_T1: torch.Tensor, how: str) -> torch.Tensor:
+    """The chosen expert's combine weight from its probability (``TopKOptions.top1_weight``)."""
+    if how == "normalized":
+        return p_T1 / p_T1.detach().clamp_min(1e-20)
+    if how == "straight_through":
+        return 1.0 + p_T1 - p_T1.detach()
+    return p_T1
 
 
 def balance_options(o: TopKOptions) -> BalanceOptions:
@@ -114,8 +131,11 @@ class TopKRouter(Router):
                 f"router.topk.capacity_factor = {self.cfg.capacity_factor} drops tokens past capacity, also "
                 "at evaluation; the Hugging Face MoE classes never drop (train with capacity_factor = 0)"
             )
-        # at evaluation every second_policy keeps the second best expert: a plain top-k
-        return self.cfg.k, self.cfg.k > 1 and self.cfg.renormalize
+        # at evaluation every second_policy keeps the second best expert: a plain top-k; a top-1 weight of
+        # value 1 is a renormalised top-1
+        if self.cfg.k == 1:
+            return 1, self.cfg.top1_weight != "prob"
+        return self.cfg.k, self.cfg.renormalize
 
     def choose(self, z_TE: torch.Tensor, p_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[T, K] experts and which of them are kept before capacity (None: all of them)."""
@@ -141,6 +161,8 @@ class TopKRouter(Router):
         weight_TK = p_TE.gather(1, expert_TK)
         if self.cfg.k > 1 and self.cfg.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-9)
+        elif self.cfg.k == 1:
+            weight_TK = top1_weight(weight_TK, self.cfg.top1_weight)
         if ctx.valid_T is not None:
             valid_TK = ctx.valid_T.unsqueeze(1).expand_as(expert_TK)
             keep_TK = valid_TK if keep_TK is None else keep_TK & valid_TK
