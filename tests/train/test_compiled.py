@@ -146,6 +146,19 @@ def test_compiled_run_of_each_task_matches_eager(preset, tmp_path, evomoe_cache)
         assert math.isclose(a["loss"], b["loss"], rel_tol=2e-3), (a["step"], a["loss"], b["loss"])
 
 
+def test_compiled_gradient_accumulation_matches_eager(tmp_path, evomoe_cache):
+    """``train.accum_steps = 2``: the compiled micro-batch steps log the eager run's FLOPs and its losses
+    within float noise."""
+    env = {"EVOMOE_CACHE": str(evomoe_cache)}
+    rows = {}
+    for compiled in ("false", "true"):
+        cfg = short_cfg(train__log_every=4, train__accum_steps=2, train__compile=compiled)
+        rows[compiled] = run_rows(cfg, tmp_path / compiled, env)
+    assert [r["flops"] for r in rows["true"]] == [r["flops"] for r in rows["false"]]
+    for a, b in zip(rows["true"], rows["false"], strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=2e-3), (a["step"], a["loss"], b["loss"])
+
+
 def test_nan_guard_around_a_compiled_step(tmp_path, evomoe_cache):
     """A non-finite loss from the compiled forward + loss skips the update (weights and optimizer state
     unchanged) and is logged, in the dense phase and after the spawn."""
