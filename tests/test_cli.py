@@ -347,7 +347,8 @@ def test_eval_rejects_overrides_that_change_the_model(cli, tiny_run):
     rc, stdout, err = cli("eval", tiny_run, "--model.d_model=32")
     assert (
         rc == 2
-        and "eval accepts only train.batch_size, train.device, train.eval_batches, train.threads"
+        and "eval accepts only task.mt.eval_sentences, train.batch_size, train.device, train.eval_batches, "
+        "train.threads"
         in (error_line(err))
     )
     rc, stdout, err = cli("eval", tiny_run / "nothing_here")

@@ -41,8 +41,15 @@ RESUME_MUTABLE = {
     "train.max_skipped_steps",
     "parallel.ep",  # checkpoints store experts by global id: a run may resume on another layout
     "parallel.dp_shard",
+    "task.mt.eval_sentences",  # how many validation sentences an evaluation decodes: not training
 }
-EVAL_MUTABLE = {"train.eval_batches", "train.device", "train.threads", "train.batch_size"}
+EVAL_MUTABLE = {
+    "train.eval_batches",
+    "train.device",
+    "train.threads",
+    "train.batch_size",
+    "task.mt.eval_sentences",
+}
 RUN_FILES = (
     "config.toml",
     "metrics.jsonl",

@@ -9,7 +9,13 @@ import itertools
 import pytest
 import torch
 
-from evomoe.models.decoding import beam_search, exhaustive_search, greedy_search, normalized
+from evomoe.models.decoding import (
+    beam_search,
+    exhaustive_search,
+    greedy_search,
+    normalized,
+    translate_batch,
+)
 from evomoe.models.encdec import EncoderDecoder
 from evomoe.moe.router import GateState
 
@@ -145,3 +151,25 @@ def test_wide_beam_equals_brute_force_where_width_and_length_penalty_matter(alph
         width_matters += greedy != best
         penalty_matters += brute_force_best(lm.table, 4, 0.0 if alpha else 1.0)[1] != best
     assert width_matters >= 3 and penalty_matters >= 3, (width_matters, penalty_matters)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+@torch.no_grad()
+def test_cached_memory_keys_values_equal_recomputing_them_every_step(beam):
+    """The cross-attention keys/values of the encoder memory computed once per sentence (the default)
+    give the same translations as recomputing them at every step (the reference), with padded sources,
+    and the same next-token log-probabilities at every step of a beam search's reordered state."""
+    model = toy_model()
+    src, valid = source(2)
+    fast = translate_batch(model, src, valid, GATE, BOS, EOS, 9, beam=beam, cache_memory=True)
+    slow = translate_batch(model, src, valid, GATE, BOS, EOS, 9, beam=beam, cache_memory=False)
+    assert fast == slow and any(len(s) > 1 for s in fast)
+    states = [model.start_decoding(src, valid, GATE, repeat=beam, cache_memory=c) for c in (True, False)]
+    assert states[0]["memory"] is None and states[1]["memory_kv"] is None
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        tokens = torch.randint(0, V - 2, (3 * beam,), generator=g)
+        (lp_fast, states[0]), (lp_slow, states[1]) = (model.decode_step(tokens, s) for s in states)
+        torch.testing.assert_close(lp_fast, lp_slow, rtol=1e-5, atol=1e-5)
+        order = torch.randint(0, 3 * beam, (3 * beam,), generator=g)
+        states = [model.reorder_state(s, order) for s in states]

@@ -80,6 +80,33 @@ def test_mlm_loss_and_eval(mlm_task):
     assert mlm_task.forward_dense_flops(batch) > 0
 
 
+def test_mlm_baseline_is_the_most_frequent_masked_target(tmp_path):
+    """``masked_baseline_accuracy``: always answering the most frequent target of the masked validation
+    positions, counted here directly from the validation batches; a model whose argmax is that token
+    everywhere scores exactly it."""
+    corpus, rng = tmp_path / "skewed.txt", random.Random(1)
+    corpus.write_text("\n".join(" ".join(rng.choice(["mmmm", "mmmm", "ab", "cd"]) for _ in range(9))
+                                 for _ in range(600)))  # fmt: skip
+    cfg = small_cfg(tmp_path, "mlm")
+    cfg.data.corpus, cfg.data.tokenizer, cfg.train.eval_batches = str(corpus), "bytes", 4
+    mlm_task = MLMTask(cfg, {}, lambda s: None)
+    targets = torch.cat([b.targets["targets_BS"].reshape(-1) for b in mlm_task.val_batches()])
+    targets = targets[targets != -100]
+    top2 = torch.bincount(targets).topk(2)
+    top, count = int(top2.indices[0]), int(top2.values[0])
+    assert count > int(top2.values[1]) and count < targets.numel()  # one most frequent token, not the only
+
+    class Constant(torch.nn.Module):  # logits favouring one token at every position
+        def forward(self, tokens_BS, **_):
+            logits = torch.zeros(*tokens_BS.shape, mlm_task.vocab_size)
+            logits[..., top] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    row = mlm_task.evaluate(eval_ctx(Constant()))
+    assert row["masked_baseline_accuracy"] == pytest.approx(count / targets.numel())
+    assert row["masked_accuracy"] == pytest.approx(row["masked_baseline_accuracy"])
+
+
 def mt_task(tmp_path, pairs=3000):
     cfg = small_cfg(tmp_path, "mt", seq_len=24)
     o = cfg.task.mt
@@ -122,6 +149,28 @@ def test_mt_learns_the_transduction(tmp_path):
     assert after["chrf"] > before["chrf"] + 5, (before, after)
     rows = [json.loads(x) for x in (tmp_path / "translations" / "step_000200.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {"source", "reference", "greedy", "beam"} == set(rows[0])
+
+
+@pytest.mark.parametrize("sentences, scored", [(5, 5), (0, None), (-1, 0)])
+def test_mt_eval_sentences_all_some_or_none(tmp_path, sentences, scored):
+    """``eval_sentences``: the first N validation pairs; 0: all of them; -1: no decoding (loss only).
+    Scores come with their sacrebleu signatures and the number of sentences scored."""
+    task = mt_task(tmp_path, pairs=600)
+    task.opts.eval_sentences = sentences
+    torch.manual_seed(0)
+    model = EncoderDecoder(task.cfg.model, task.cfg.moe)
+    row = task.evaluate(eval_ctx(model, 3, tmp_path))
+    n_val = len(task.data.val_src)
+    assert n_val > 5
+    if scored == 0:
+        assert set(row) == {"val_loss", "val_ppl"} and not (tmp_path / "translations").exists()
+        return
+    expected = n_val if scored is None else scored
+    assert row["eval_sentences"] == expected
+    assert row["bleu_signature"].startswith("nrefs:1|") and "tok:13a" in row["bleu_signature"]
+    assert row["chrf_signature"].startswith("nrefs:1|") and "nc:6" in row["chrf_signature"]
+    lines = (tmp_path / "translations" / "step_000003.jsonl").read_text().splitlines()
+    assert len(lines) == expected
 
 
 @pytest.mark.parametrize("which", ["mlm", "mt"])

@@ -99,17 +99,30 @@ class Attention(nn.Module):
         kv_width = self.n_kv * self.head_dim
         return self.qkv(x_BSD).split([x_BSD.shape[-1], kv_width, kv_width], dim=-1)
 
+    def memory_kv(self, kv_BKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of a memory, [B, Hkv, K, Dh] each: what ``forward`` computes
+        from ``kv_BKD``, computed once so that incremental decoding need not redo it at every step."""
+        k, v = self.kv(kv_BKD).chunk(2, dim=-1)
+        return self._heads(k, self.n_kv), self._heads(v, self.n_kv)
+
     def forward(
         self,
         x_BSD: torch.Tensor,
         valid_BK: torch.Tensor | None = None,
         kv_BKD: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``cache`` (causal mode, no padding): attend over the cached positions too, and append these."""
+        """``cache`` (causal mode, no padding): attend over the cached positions too, and append these.
+        ``memory_kv`` (cross mode): the memory's keys and values from ``memory_kv``, instead of ``kv_BKD``."""
         B, S, D = x_BSD.shape
-        q, k, v = self._project(x_BSD, kv_BKD)
-        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
+        if memory_kv is not None:
+            if self.mode != "cross":
+                raise ValueError("memory_kv is for cross-attention")
+            q, (k, v) = self._heads(self.q(x_BSD), self.n_heads), memory_kv
+        else:
+            q, k, v = self._project(x_BSD, kv_BKD)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
         offset = cache.length if cache is not None else 0
         if self.rotary:
             cos, sin = rotary_cos_sin(
@@ -161,10 +174,14 @@ class Block(nn.Module):
         memory_BKD: torch.Tensor | None = None,
         memory_valid_BK: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Routing | None, LayerStats]:
+        """``memory_kv``: this block's cross-attention keys/values of the memory (``Attention.memory_kv``),
+        used in place of ``memory_BKD``."""
         x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), valid_BS, cache=cache))
-        if memory_BKD is not None:
-            x_BSD = x_BSD + self.drop(self.cross(self.ln_cross(x_BSD), memory_valid_BK, memory_BKD))
+        if memory_BKD is not None or memory_kv is not None:
+            y = self.cross(self.ln_cross(x_BSD), memory_valid_BK, memory_BKD, memory_kv=memory_kv)
+            x_BSD = x_BSD + self.drop(y)
         h_BSD, routing, stats = self.ffn(self.ln2(x_BSD), ctx)
         return x_BSD + self.drop(h_BSD), routing, stats
 

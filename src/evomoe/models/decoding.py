@@ -134,12 +134,14 @@ def translate_batch(
     beam: int = 1,
     alpha: float = 1.0,
     all_steps: bool = False,
+    cache_memory: bool = True,
 ) -> list[list[int]]:
     """Greedy (``beam = 1``) or beam-search output ids (``</s>`` left out) of each source row, with an
     encoder-decoder's cached step (``start_decoding`` / ``decode_step`` / ``reorder_state``): the decoding
-    of the translation task's evaluation and of ``evomoe generate``."""
+    of the translation task's evaluation and of ``evomoe generate``. ``cache_memory=False``: recompute the
+    encoder memory's cross-attention keys/values at every step (the slow reference of the cache)."""
     B = src_BS.shape[0]
-    state = model.start_decoding(src_BS, src_valid_BS, gate, repeat=beam)
+    state = model.start_decoding(src_BS, src_valid_BS, gate, repeat=beam, cache_memory=cache_memory)
     if beam == 1:
         return greedy_search(model.decode_step, state, B, bos, eos, max_len, all_steps)
     return beam_search(

@@ -3,8 +3,10 @@
 Each stack has its own MoE layers (``moe_layers()``: encoder first, then decoder), so its own routers,
 aux losses and statistics; one gate state (the DTS schedule) drives both. One token embedding serves the
 source, the target and the output projection (one BPE over both languages). Decoding runs one position
-at a time with a key/value cache (``start_decoding`` / ``decode_step`` / ``reorder_state``); its slow
-twin is ``forward`` over the whole prefix (the tests compare them).
+at a time with a key/value cache (``start_decoding`` / ``decode_step`` / ``reorder_state``): the decoder's
+self-attention keys/values grow by one position per step, and the cross-attention keys/values of the
+encoder memory are computed once per sentence (``cache_memory=False`` recomputes them at every step: the
+reference the tests compare with). The slow twin of both is ``forward`` over the whole prefix.
 
 Legend: B batch, S source length, T target length, D width, V vocabulary.
 """
@@ -51,15 +53,21 @@ class EncoderDecoder(MoEModel):
         ctx = router_context(gate, src_BS, src_valid_BS)
         return self.encoder(self.embed(src_BS), src_valid_BS, ctx, collect)
 
-    def decode(self, tgt_BT, tgt_valid_BT, memory_BSD, src_valid_BS, gate, collect, cache=None):
+    def decode(
+        self, tgt_BT, tgt_valid_BT, memory_BSD, src_valid_BS, gate, collect, cache=None, memory_kv=None
+    ):
         """Next-token logits [B, T, V]; ``cache`` (the decoder's self-attention keys/values) for
-        incremental decoding. Cross-attention recomputes the memory's keys/values at every step."""
+        incremental decoding; ``memory_kv`` (one (keys, values) per decoder block, ``memory_kv()``): the
+        memory's cross-attention keys/values, used instead of projecting ``memory_BSD`` again."""
         start = cache.length if cache is not None else 0
         x_BTD = self.embed(tgt_BT, start)
         ctx = router_context(gate, tgt_BT, tgt_valid_BT)
-        for block in self.dec_blocks:
+        for i, block in enumerate(self.dec_blocks):
             ctx.layer_idx = block.layer_idx
-            x_BTD, routing, stats = block(x_BTD, ctx, tgt_valid_BT, memory_BSD, src_valid_BS, cache=cache)
+            kv = None if memory_kv is None else memory_kv[i]
+            x_BTD, routing, stats = block(
+                x_BTD, ctx, tgt_valid_BT, memory_BSD if kv is None else None, src_valid_BS, cache, kv
+            )
             collect.add(block.ffn, block.is_moe, routing, stats)
         if cache is not None:
             cache.length += tgt_BT.shape[1]
@@ -79,34 +87,48 @@ class EncoderDecoder(MoEModel):
         return collect.output(self.decode(tgt_BT, tgt_valid_BT, memory, src_valid_BS, gate, collect))
 
     # ------------------------------------------------------------------------------------- decoding
-    def start_decoding(self, src_BS, src_valid_BS, gate: GateState | None, repeat: int = 1) -> dict:
-        """Encode once; the state for ``decode_step`` (each sentence repeated ``repeat`` times: beams)."""
+    def memory_kv(self, memory_BSD: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder block's cross-attention keys/values of ``memory_BSD``."""
+        return [block.cross.memory_kv(memory_BSD) for block in self.dec_blocks]
+
+    def start_decoding(
+        self, src_BS, src_valid_BS, gate: GateState | None, repeat: int = 1, cache_memory: bool = True
+    ) -> dict:
+        """Encode once; the state for ``decode_step`` (each sentence repeated ``repeat`` times: beams).
+        ``cache_memory``: compute the memory's cross-attention keys/values here, once per sentence (before
+        the repeat), instead of at every step (False: the slow reference)."""
         memory = self.encode(src_BS, src_valid_BS, gate, RoutingCollector(1, src_BS))
-        if repeat > 1:
-            memory = memory.repeat_interleave(repeat, 0)
-            src_valid_BS = None if src_valid_BS is None else src_valid_BS.repeat_interleave(repeat, 0)
-        cache = KVCache.empty(len(self.dec_blocks))
-        return {"memory": memory, "src_valid": src_valid_BS, "cache": cache, "gate": gate}
+        rep = (lambda t: t.repeat_interleave(repeat, 0)) if repeat > 1 else (lambda t: t)  # noqa: E731
+        src_valid_BS = None if src_valid_BS is None else rep(src_valid_BS)
+        state = {"src_valid": src_valid_BS, "cache": KVCache.empty(len(self.dec_blocks)), "gate": gate,
+                 "device": memory.device, "memory": None, "memory_kv": None}  # fmt: skip
+        if cache_memory:
+            state["memory_kv"] = [(rep(k), rep(v)) for k, v in self.memory_kv(memory)]
+        else:
+            state["memory"] = rep(memory)
+        return state
 
     def decode_step(self, tokens_B: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Log-probabilities [B, V] of the next token after ``tokens_B``; the cache grows by one position."""
-        tokens = tokens_B.to(state["memory"].device)[:, None]
+        tokens = tokens_B.to(state["device"])[:, None]
         logits = self.decode(
             tokens, None, state["memory"], state["src_valid"], state["gate"], RoutingCollector(1, tokens),
-            cache=state["cache"],
+            cache=state["cache"], memory_kv=state["memory_kv"],
         )  # fmt: skip
         return torch.log_softmax(logits[:, -1].float(), -1), state
 
     @staticmethod
     def reorder_state(state: dict, index_B: torch.Tensor) -> dict:
         """Keep rows ``index_B`` of every cached tensor (beam search)."""
-        index_B = index_B.to(state["memory"].device)
+        index_B = index_B.to(state["device"])
         pick = lambda t: None if t is None else t.index_select(0, index_B)  # noqa: E731
         c = state["cache"]
         cache = KVCache([pick(k) for k in c.keys], [pick(v) for v in c.values], c.length)
+        kv = state["memory_kv"]
         return {
             **state,
             "memory": pick(state["memory"]),
+            "memory_kv": None if kv is None else [(pick(k), pick(v)) for k, v in kv],
             "src_valid": pick(state["src_valid"]),
             "cache": cache,
         }

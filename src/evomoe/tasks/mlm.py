@@ -4,7 +4,9 @@ RoBERTa dynamic masking (``data.masking``), re-drawn every time a sequence is se
 A training batch is a pure function of (seed, step): the windows come from the LM's token data
 (``default_rng([seed, step])``), the masking from ``default_rng([seed, step, MASK_STREAM])``. Validation
 uses fixed windows masked with fixed draws, so evaluations compare across steps and runs. Metrics: the
-masked-token loss (nats), its perplexity, and the accuracy of the argmax at the masked positions.
+masked-token loss (nats), its perplexity, the accuracy of the argmax at the masked positions, and beside it
+``masked_baseline_accuracy``: the accuracy of always predicting the most frequent target token of those
+positions (what a model that ignores the context scores at best with one answer).
 Legend: B batch, S sequence (= model.seq_len: ``<s>`` plus seq_len - 1 text tokens), V vocabulary.
 """
 
@@ -50,11 +52,12 @@ class MLMTask(Task):
     Options = MLMOptions
     model_kinds = ("encoder",)
     default_model = "encoder"
-    metric_names = ("val_loss", "val_ppl", "masked_accuracy")
+    metric_names = ("val_loss", "val_ppl", "masked_accuracy", "masked_baseline_accuracy")
     headline = (
         ("val_loss", "masked-token loss", ".4f"),
         ("val_ppl", "perplexity", ".2f"),
         ("masked_accuracy", "masked accuracy", ".4f"),
+        ("masked_baseline_accuracy", "most-frequent-token baseline", ".4f"),
     )
 
     def __init__(self, cfg: Any, env: Any, log: Callable[[str], None], data: TokenData | None = None) -> None:
@@ -98,17 +101,22 @@ class MLMTask(Task):
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         nll, correct, n = 0.0, 0.0, 0.0
+        counts_V = torch.zeros(self.vocab_size, dtype=torch.float64)
         for batch in self.val_batches():
             out, local = ctx.forward(batch)
             V = out.logits.shape[-1]
-            s, c, k = nll_and_correct(out.logits.reshape(-1, V), local.targets["targets_BS"].reshape(-1))
+            targets = local.targets["targets_BS"].reshape(-1)
+            s, c, k = nll_and_correct(out.logits.reshape(-1, V), targets)
             nll, correct, n = nll + s, correct + c, n + k
-        nll, correct, n = ctx.sum_over_ranks([nll, correct, n])
+            masked = targets[targets != IGNORE].cpu()
+            counts_V += torch.bincount(masked, minlength=self.vocab_size)[: self.vocab_size].double()
+        nll, correct, n, *counts = ctx.sum_over_ranks([nll, correct, n, *counts_V.tolist()])
         loss = nll / max(n, 1.0)
         return {
             "val_loss": loss,
             "val_ppl": math.exp(min(loss, 50.0)),
             "masked_accuracy": correct / max(n, 1.0),
+            "masked_baseline_accuracy": max(counts) / max(n, 1.0),
         }
 
     def token_counts(self) -> torch.Tensor:

@@ -43,7 +43,9 @@ class MTOptions:
     buckets: int = 8  # length buckets of the training pairs
     beam: int = 4
     length_penalty: float = 1.0  # beam score / length ** length_penalty
-    eval_sentences: int = 64  # validation sentences decoded (greedy and beam) at each evaluation
+    # validation sentences decoded (greedy and beam) and scored at each evaluation: the first N; 0: the
+    # whole validation split; -1: none (the validation loss only)
+    eval_sentences: int = 64
 
     def validate(self, cfg: Any, prefix: str) -> None:
         checks = [
@@ -52,7 +54,7 @@ class MTOptions:
             (self.buckets >= 1, "buckets", self.buckets, "must be >= 1"),
             (self.beam >= 1, "beam", self.beam, "must be >= 1"),
             (self.length_penalty >= 0.0, "length_penalty", self.length_penalty, "must be >= 0"),
-            (self.eval_sentences >= 0, "eval_sentences", self.eval_sentences, "must be >= 0"),
+            (self.eval_sentences >= -1, "eval_sentences", self.eval_sentences, "must be >= 0, or -1 (none)"),
             (self.synthetic_pairs >= 2, "synthetic_pairs", self.synthetic_pairs, "must be >= 2"),
             (self.synthetic_words >= 2, "synthetic_words", self.synthetic_words, "must be >= 2"),
             (self.synthetic_max_words >= 2, "synthetic_max_words", self.synthetic_max_words, "must be >= 2"),
@@ -80,7 +82,8 @@ class MTTask(Task):
     model_kinds = ("encdec",)
     default_model = "encdec"
     fixed_shapes = False  # batches are padded to their longest pair
-    metric_names = ("val_loss", "val_ppl", "bleu", "chrf", "bleu_greedy", "chrf_greedy")
+    metric_names = ("val_loss", "val_ppl", "bleu", "chrf", "bleu_greedy", "chrf_greedy", "bleu_signature",
+                    "chrf_signature", "eval_sentences")  # fmt: skip
     headline = (
         ("val_loss", "validation loss", ".4f"),
         ("bleu", "BLEU (beam)", ".2f"),
@@ -138,7 +141,7 @@ class MTTask(Task):
         nll, n = ctx.sum_over_ranks([nll, n])
         loss = nll / max(n, 1.0)
         row = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-        if self.opts.eval_sentences:
+        if self.opts.eval_sentences != -1:
             row.update(self.decode_and_score(ctx))
         return row
 
@@ -154,10 +157,12 @@ class MTTask(Task):
 
     @torch.no_grad()
     def decode_and_score(self, ctx: EvalContext) -> dict[str, float]:
-        """BLEU and chrF of greedy and beam translations of the first ``eval_sentences`` validation pairs.
+        """BLEU and chrF of greedy and beam translations of the first ``eval_sentences`` validation pairs
+        (0: all), their sacrebleu signatures and the number of sentences scored.
         Every rank decodes the same sentences; with several ranks (expert parallelism: each step is a
         collective) every rank runs the full ``seq_len - 1`` steps so that all stay in step."""
-        n = min(self.opts.eval_sentences, len(self.data.val_src))
+        n = len(self.data.val_src)
+        n = min(self.opts.eval_sentences, n) if self.opts.eval_sentences > 0 else n
         all_steps = ctx.sum_over_ranks([1.0])[0] > 1
         refs, hyps = self.data.val_ref_text[:n], {"greedy": [], "beam": []}
         for start in range(0, n, self.cfg.train.batch_size):
@@ -168,7 +173,8 @@ class MTTask(Task):
         if ctx.out_dir is not None and ctx.is_main:
             write_translations(Path(ctx.out_dir), ctx.step, self.data.val_src_text[:n], refs, hyps)
         return {"bleu": beam["bleu"], "chrf": beam["chrf"], "bleu_greedy": greedy["bleu"],
-                "chrf_greedy": greedy["chrf"]}  # fmt: skip
+                "chrf_greedy": greedy["chrf"], "bleu_signature": beam["bleu_signature"],
+                "chrf_signature": beam["chrf_signature"], "eval_sentences": n}  # fmt: skip
 
     def token_counts(self) -> torch.Tensor:
         ids = np.concatenate(self.data.train_src + self.data.train_tgt)

@@ -7,6 +7,7 @@ Legend: N target positions, V vocabulary. Positions whose target is ``ignore_ind
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +63,16 @@ def nll_and_correct(
     return float(nll.detach()), int((logits.argmax(-1) == target).sum()), int(target.numel())
 
 
-def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU (13a tokenization) and chrF of detokenized sentences, both in [0, 100]."""
-    import sacrebleu  # noqa: PLC0415 - only evaluation of translation needs it
+def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU (13a tokenization) and chrF of detokenized sentences, both in [0, 100], with their
+    sacrebleu signatures (``bleu_signature``, ``chrf_signature``: what a reported score was computed with)."""
+    from sacrebleu.metrics import BLEU, CHRF  # noqa: PLC0415 - only evaluation of translation needs it
 
     refs = [list(references)]
+    bleu, chrf = BLEU(), CHRF()
     return {
-        "bleu": float(sacrebleu.corpus_bleu(list(hypotheses), refs).score),
-        "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), refs).score),
+        "bleu": float(bleu.corpus_score(list(hypotheses), refs).score),
+        "chrf": float(chrf.corpus_score(list(hypotheses), refs).score),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
     }

@@ -82,7 +82,7 @@ def run_training(
         "router": cfg.router.name if cfg.moe.enabled else "dense",
         "seed": cfg.train.seed,
         "steps": trainer.state.step,
-        **{k: final[k] for k in trainer.task.metric_names},
+        **{k: final[k] for k in trainer.task.metric_names if k in final},  # MT without decoding: no BLEU
         "train_flops": trainer.state.flops,
         "tokens": trainer.state.tokens,
         "passes": trainer.task.passes(trainer.state.tokens),
