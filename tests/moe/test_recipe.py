@@ -1,24 +1,14 @@
-"""The small-MoE recipe's router options: the top-1 output scale of the top-k router."""
+"""The small-MoE recipe's router options: the top-1 output scale of the top-k router, dts_plus's cap_end and
+distillation, and evolve.narrow_scale."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_routers import topk  # the top-k router with an identity gate (input rows are the logits)
 
 from evomoe.config import router_config
 from evomoe.moe.router import GateState, RouterContext
-from evomoe.moe.routers.topk import TopKRouter
-
-
-def topk(E: int, **opts) -> TopKRouter:
-    """A router whose gate is the identity, so that the input rows are the logits (D = E)."""
-    cfg = router_config()
-    for k, v in opts.items():
-        setattr(cfg.topk, k, v)
-    r = TopKRouter.from_config(cfg, E, E)
-    with torch.no_grad():
-        r.gate.weight.copy_(torch.eye(E))
-    return r.train()
 
 
 def weights_and_grad(how: str, z: torch.Tensor, upstream: torch.Tensor):
