@@ -93,3 +93,16 @@ def test_tiny_run_with_shared_and_fine_grained_experts(cli, tmp_path):
     )  # fmt: skip
     assert rc == 0, err[-3000:]
     assert (out / "results.json").is_file()
+
+
+def test_copied_moments_need_full_width_experts():
+    """``evolve.opt_state = copy`` copies the dense FFN's Adam moments to every expert; narrow experts hold a
+    subset of its units, so the moments do not fit: a config error naming the field, not a crash at spawn."""
+    cfg = cfg_with(expert_width=0.5)
+    cfg.evolve.opt_state = "copy"
+    with pytest.raises(ConfigError, match=r"evolve\.opt_state.*moe\.expert_width = 0\.5"):
+        validate(cfg)
+    cfg.evolve.diversify_steps = 0  # nothing is spawned from a dense FFN: nothing to copy
+    validate(cfg)
+    cfg.evolve.diversify_steps, cfg.moe.expert_width = 100, 1.0
+    validate(cfg)

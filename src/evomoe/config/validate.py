@@ -88,6 +88,13 @@ def _evolve_and_gate(cfg: Any) -> None:
     check(0.0 <= e.ratio < 1.0, "evolve.ratio", e.ratio, "must be in [0, 1)")
     check(0.0 <= e.noise < math.inf, "evolve.noise", e.noise, "must be finite and >= 0")
     choice("evolve.opt_state", e.opt_state, s.OPT_STATE_MODES)
+    check(
+        e.opt_state != "copy" or cfg.moe.expert_width == 1.0 or e.diversify_steps == 0,
+        "evolve.opt_state",
+        e.opt_state,
+        f"'copy' needs full-width experts: with moe.expert_width = {cfg.moe.expert_width} the spawned "
+        "experts hold a subset of the dense FFN's units and its moments do not fit them; use 'fresh'",
+    )
     choice("evolve.narrow_scale", e.narrow_scale, ("none", "mean"))
     check(g.tau_max > 0 and math.isfinite(g.tau_max), "gate.tau_max", g.tau_max, "must be > 0")
     check(0 < g.tau_min <= g.tau_max, "gate.tau_min", g.tau_min, f"must be in (0, tau_max={g.tau_max}]")
