@@ -112,11 +112,12 @@ class Runner:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         x, y = batch[:, :-1], batch[:, 1:]
-        with self.mode.autocast():
-            out = self.fwd(x, gate=self.gate)
-            out.loss = self.loss_fn(out.logits, y)
-        loss = out.loss + out.aux_loss
-        loss.backward()
+        with self.mode.running():  # as in the trainer (deterministic algorithms in a compiled CPU run)
+            with self.mode.autocast():
+                out = self.fwd(x, gate=self.gate)
+                out.loss = self.loss_fn(out.logits, y)
+            loss = out.loss + out.aux_loss
+            loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         if bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):

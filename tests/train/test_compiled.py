@@ -116,6 +116,18 @@ def test_compiled_bf16_resume_is_bitwise(tmp_path, evomoe_cache):
     assert exact_view(got) == exact_view(want)
 
 
+def test_compiled_bf16_at_two_threads_repeats_bitwise(tmp_path, evomoe_cache):
+    """Two compiled bf16 runs at two threads: the same rows. Inductor lowers the embedding's backward to
+    atomic adds in a parallel loop, an order that changes run to run; the compiled mode keeps torch's
+    deterministic algorithms on (the aten kernel instead)."""
+    env = {"EVOMOE_CACHE": str(evomoe_cache)}
+    over = {"train__threads": 2, "train__compile": "true", "train__precision": "bf16", "train__log_every": 2}
+    over["train__batch_size"] = 32
+    first = run_rows(short_cfg(**over), tmp_path / "a", env)
+    second = run_rows(short_cfg(**over), tmp_path / "b", env)
+    assert len(first) == 6 and exact_view(first) == exact_view(second)
+
+
 SHORT_PHASES = [
     "--train.steps=8",
     "--evolve.diversify_steps=3",
@@ -169,8 +181,8 @@ def test_nan_guard_around_a_compiled_step(tmp_path, evomoe_cache):
     trainer = Trainer(cfg, tmp_path / "run", env=env, log=logs.append, progress=False)
     compiled_loss = trainer.loss_fn
     bad = {2, 6}
-    trainer.loss_fn = lambda out, b: compiled_loss(out, b) * (
-        float("nan") if trainer.step_gate.step in bad else 1.0
+    trainer.loss_fn = lambda out, b: (
+        compiled_loss(out, b) * (float("nan") if trainer.step_gate.step in bad else 1.0)
     )
     interval = IntervalStats()
     for step in range(8):

@@ -14,12 +14,16 @@ shape.
 are computed in fp32. On CPU attention is spelled out in matmuls under bf16
 (``models.blocks.math_attention``): the fused kernel's bf16 backward is several times slower there.
 
+Run to run: a compiled CPU run keeps torch's deterministic algorithms on (``StepMode.running``), else the
+embedding's backward sums with atomic adds in an order that changes between runs at two threads and more.
+
 Counters (``torch._dynamo.utils.counters``): graphs compiled, graph breaks, frames compiled after the first
 step (recompiles); the trainer logs them with the warm-up time of the first step and whenever they change.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -86,6 +90,30 @@ class StepMode:
         return cls(
             t.compile, t.precision, trainer.device, trainer.log, world_size=par.world_size, fixed_shapes=fixed
         )
+
+    @contextlib.contextmanager
+    def running(self):
+        """The scope of a compiled run on CPU: torch's deterministic algorithms on. Inductor lowers an
+        accumulating scatter (the embedding's backward) to atomic adds in a parallel loop, whose order, and so
+        whose rounding, changes from run to run at two threads and more (measured: the token embedding's
+        gradient differed between two calls on the same batch); with the flag it keeps the aten kernel.
+        Uninitialised memory is left as is (the flag would fill every ``torch.empty``). Both settings are
+        restored on exit."""
+        if not (self.compile and self.device.type == "cpu"):
+            yield
+            return
+        was = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+            torch.utils.deterministic.fill_uninitialized_memory = fill
 
     def autocast(self):
         enabled = self.precision == "bf16"

@@ -311,7 +311,7 @@ class Trainer:
         bar = TrainProgress(t.steps, self.state.step, enabled=self.show_progress)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            with bar:
+            with bar, self.mode.running():
                 interval_seconds, interval_tokens = 0.0, 0
                 for step in range(self.state.step, t.steps):
                     if self.budget_spent():  # a resumed run whose budget was already spent
