@@ -198,15 +198,15 @@ def test_layer_variable_k_with_padding_matches_reference(monkeypatch, multiple):
     _layer_vs_reference(_routing(token, expert), 7, 3)
 
 
-def test_bf16_dispatch_pads_rows_to_16():
-    T, E, D = 40, 3, 16
+def test_bf16_dispatch_pads_rows_to_32():
+    T, E, D = 70, 3, 16
     x = torch.randn(T, D, dtype=torch.bfloat16)
     routing = _routing(list(range(T)), [t % E for t in range(T)], fixed_k=1)
     x_PD, rows_E, state = LocalDispatcher().dispatch(x, routing, E)
-    assert rows_E.tolist() == [16, 16, 16] and x_PD.shape == (48, D)
-    assert state.counts_E.tolist() == [14, 13, 13]
+    assert rows_E.tolist() == [32, 32, 32] and x_PD.shape == (96, D)
+    assert state.counts_E.tolist() == [24, 23, 23]
     real = state.weight_P != 0
-    assert int(real.sum()) == T and torch.equal(x_PD[~real], torch.zeros(48 - T, D, dtype=torch.bfloat16))
+    assert int(real.sum()) == T and torch.equal(x_PD[~real], torch.zeros(96 - T, D, dtype=torch.bfloat16))
     out = LocalDispatcher().combine(x_PD, state)  # identity experts: out = w * x
     expected = x.float() * routing.weight_P.detach().unsqueeze(1)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
