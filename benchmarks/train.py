@@ -13,7 +13,8 @@ about 8, 4 and 2 experts per token),
 ``dts-sparse`` (hard top-1). Steps are interleaved round by round; tokens/s ratios are per-round medians
 against ``dense``. Target (issue): top-1 (switch, dts-sparse) >= 0.9 x dense tokens/s.
 
-    python benchmarks/train.py --modes eager-fp32,compiled-fp32,compiled-bf16 --threads-list 1,2
+    python benchmarks/train.py --modes eager-fp32,compiled-fp32,compiled-bf16,compiled-bf16-fused \
+        --threads-list 1,2
 
 compares the trainer's step modes (``train.compile``, ``train.precision``; ``evomoe.train.compile``) for
 each variant, interleaved in the same rounds, at each thread count in turn (one process); ratios are
@@ -175,7 +176,11 @@ def main() -> None:
     )
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (bf16) TFLOP/s, for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile each model's transformer blocks")
-    p.add_argument("--modes", default="", help="compare step modes: eager-fp32,compiled-fp32,compiled-bf16")
+    p.add_argument(
+        "--modes",
+        default="",
+        help="compare step modes: eager-fp32,compiled-fp32,compiled-bf16 (a suffix -fused: fused AdamW)",
+    )
     p.add_argument("--threads-list", default="", help="with --modes: thread counts run in turn, e.g. 1,2")
     args = p.parse_args()
     device = common.setup(args)
@@ -278,8 +283,15 @@ def compare_modes(args, device: torch.device) -> None:
     runners, warm = {}, {}
     for name, (c, gate) in chosen.items():
         for mode in modes:
-            kind, precision = mode.split("-")
-            r = Runner(copy.deepcopy(c), gate, device, precision, compiled=kind == "compiled")
+            kind, precision, *opt = mode.split("-")  # e.g. compiled-bf16-fused: AdamW(fused=True)
+            r = Runner(
+                copy.deepcopy(c),
+                gate,
+                device,
+                precision,
+                compiled=kind == "compiled",
+                fused_adamw=opt == ["fused"],
+            )
             before, tic = compile_counts(), time.perf_counter()
             r.step()  # the compile warm-up
             warm[name, mode] = (time.perf_counter() - tic, before, compile_counts())
