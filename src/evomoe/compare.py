@@ -29,6 +29,7 @@ from .config import (
     apply_dict,
     apply_overrides,
     load_config,
+    preset_names,
     read_toml,
     split_overrides,
     to_toml,
@@ -284,7 +285,9 @@ def add_compare_parser(sub) -> None:
     c = sub.add_parser(
         "compare", help="train EvoMoE and the baselines with the same budget; write compare.md"
     )
-    c.add_argument("config", nargs="?", help="a TOML file or a preset name (default: default)")
+    c.add_argument(
+        "config", nargs="?", help=f"a TOML file or a preset: {', '.join(preset_names())} (default: default)"
+    )
     c.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
