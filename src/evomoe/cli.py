@@ -19,8 +19,8 @@ from .config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
+    config_help,
     load_config,
-    preset_names,
     split_overrides,
     to_dict,
     to_toml,
@@ -317,10 +317,6 @@ EPILOG = (
     "'evomoe COMMAND --help' lists a command's options. A config is a TOML file or a preset; any field can "
     "be overridden with --section.field=value; 'evomoe config PRESET' prints every field."
 )
-
-
-def config_help() -> str:
-    return f"a TOML file or a preset: {', '.join(preset_names())}"
 
 
 def cmd_config(args, extra: list[str]) -> int:

@@ -28,8 +28,8 @@ from .config import (
     ConfigError,
     apply_dict,
     apply_overrides,
+    config_help,
     load_config,
-    preset_names,
     read_toml,
     split_overrides,
     to_toml,
@@ -285,9 +285,7 @@ def add_compare_parser(sub) -> None:
     c = sub.add_parser(
         "compare", help="train EvoMoE and the baselines with the same budget; write compare.md"
     )
-    c.add_argument(
-        "config", nargs="?", help=f"a TOML file or a preset: {', '.join(preset_names())} (default: default)"
-    )
+    c.add_argument("config", nargs="?", help=f"{config_help()} (default: default)")
     c.add_argument(
         "--methods",
         default=DEFAULT_METHODS,

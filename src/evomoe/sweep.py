@@ -19,9 +19,9 @@ from .compare import first_reach, run_one, run_stats
 from .config import (
     ConfigError,
     apply_overrides,
+    config_help,
     load_config,
     parse_override,
-    preset_names,
     split_overrides,
     to_toml,
 )
@@ -114,9 +114,7 @@ def cmd_sweep(args, extra: list[str]) -> int:
 
 def add_sweep_parser(sub) -> None:
     s = sub.add_parser("sweep", help="vary config fields one at a time around a base config; write sweep.md")
-    s.add_argument(
-        "config", nargs="?", help=f"a TOML file or a preset: {', '.join(preset_names())} (default: default)"
-    )
+    s.add_argument("config", nargs="?", help=f"{config_help()} (default: default)")
     s.add_argument("--vary", action="append", help="section.field=v1,v2 (repeatable)")
     s.add_argument("--seeds", type=int, default=1)
     s.add_argument("--out", required=True)

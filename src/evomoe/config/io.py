@@ -102,6 +102,11 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+def config_help() -> str:
+    """The help text of a command's config argument (train, eval, config, compare, sweep)."""
+    return f"a TOML file or a preset: {', '.join(preset_names())}"
+
+
 def resolve_config_path(name_or_path: str | None) -> Path | None:
     if name_or_path is None:
         return None
