@@ -8,6 +8,7 @@ FLOPs count, close losses), and the NaN guard around a compiled step.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,14 @@ def test_a_task_with_batches_of_changing_shape_runs_eager(tmp_path, evomoe_cache
     trainer = Trainer(cfg, tmp_path, env=env, log=logs.append, progress=False)
     assert not trainer.mode.compile and trainer.fwd is trainer.model
     assert any("batches change shape" in line for line in logs)
+
+
+def test_make_run_fast_mode_flags_resolve_on_the_default_preset():
+    """``make run`` trains the main job with the Makefile's FAST overrides: they must stay valid fields that
+    select compiled bf16 with fused AdamW (a renamed field would fail the README's first command)."""
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    line = next(x for x in makefile.splitlines() if x.startswith("FAST ="))
+    cfg = load_config("default", line.split("=", 1)[1].split())
+    t = cfg.train
+    assert (t.compile, t.precision, t.optimizer_impl) == (True, "bf16", "fused")
+    assert "$(FAST)" in makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
