@@ -273,6 +273,14 @@ def compare_modes(args, device: torch.device) -> None:
     """Every variant in every mode, interleaved; ratios per round against the variant's first mode."""
     rounds, n_steps = args.rounds or (3 if args.quick else 5), args.steps or (2 if args.quick else 4)
     modes = args.modes.split(",")
+    for mode in modes:
+        kind, precision, *opt = mode.split("-")
+        if (
+            kind not in ("eager", "compiled")
+            or precision not in ("fp32", "bf16")
+            or opt not in ([], ["fused"])
+        ):
+            raise SystemExit(f"--modes: '{mode}' is not (eager|compiled)-(fp32|bf16)[-fused]")
     base = load_config(args.preset)
     base.train.device = device.type
     base.moe.experts_impl = args.impl
