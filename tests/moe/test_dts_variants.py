@@ -242,3 +242,74 @@ def test_hard_phase_without_noise_trains_on_the_evaluated_expert():
         assert torch.equal(trained.token_idx_P, torch.arange(512))
     soft = dts_plus(2, hard_noise=False)(x, RouterContext(gate=GateState(tau=2.0)))  # soft phase: unchanged
     assert torch.bincount(soft.token_idx_P, minlength=512).max() == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# the hard top-k phase's gradient, balance loss and z-loss (docs/crossover.md, "the gate taken apart")
+
+
+def hard_top2(**opts):
+    r = dts_plus(2, cap_end=2, normalize=True, hard_noise=False, **opts)
+    x = torch.randn(64, D_MODEL, generator=torch.Generator().manual_seed(3))
+    return r, x, r(x, RouterContext(gate=GateState(tau=0.3, hard=True)))
+
+
+@pytest.mark.parametrize("normalize_grad", [False, True])
+def test_normalize_grad_is_the_renormalised_top_k(normalize_grad):
+    """normalize_grad: the weights and the gate's gradient of a renormalised top-2 computed by hand
+    (softmax, the two largest, divided by their sum with its gradient); without it the values agree and
+    the gradient does not."""
+    r, x, routing = hard_top2(normalize_grad=normalize_grad)
+    c_P = torch.randn(routing.weight_P.shape, generator=torch.Generator().manual_seed(4))
+    (routing.weight_P * c_P).sum().backward()
+    got = r.gate.weight.grad.clone()
+    r.gate.weight.grad = None
+    p_TE = torch.softmax(r.gate(x), -1)
+    top_TK = p_TE.detach().topk(2, -1).indices.sort(-1).values
+    w_TK = p_TE.gather(1, top_TK)
+    w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+    torch.testing.assert_close(routing.weight_P.detach(), w_TK.detach().reshape(-1))
+    (w_TK.reshape(-1) * c_P).sum().backward()
+    assert torch.allclose(got, r.gate.weight.grad, atol=1e-6) == normalize_grad
+
+
+@pytest.mark.parametrize("balance_on", ["weights", "probs"])
+def test_balance_on_probs_or_weights_matches_its_formula(balance_on):
+    """balance_on: l_aux = E * sum_e mean_t(q[:, e]) * mean_t(sel[:, e]) with q the full softmax (probs) or
+    the normalised selected weights (weights, the spec's). With the weights, a flatter gate (the logits
+    halved: the same top-2) gives a smaller loss: the loss rewards a uniform gate."""
+    r, x, routing = hard_top2(balance_on=balance_on)
+    z_TE = r.gate(x).detach()
+    p_TE = torch.softmax(z_TE, -1)
+    sel_TE = top_k_mask(z_TE, 2)
+    w_TE = p_TE * sel_TE
+    q_TE = p_TE if balance_on == "probs" else w_TE / w_TE.sum(-1, keepdim=True)
+    want = 8 * (q_TE.mean(0) * sel_TE.float().mean(0)).sum()
+    torch.testing.assert_close(routing.aux["balance"].detach(), want)
+    with torch.no_grad():
+        r.gate.weight.mul_(0.5)
+    flatter = r(x, RouterContext(gate=GateState(tau=0.3, hard=True)))
+    assert torch.equal(flatter.expert_idx_P, routing.expert_idx_P)
+    if balance_on == "weights":
+        assert flatter.aux["balance"] < routing.aux["balance"]
+
+
+def test_z_loss_is_added_only_when_weighted():
+    r, x, routing = hard_top2(z_loss_weight=0.001)
+    torch.testing.assert_close(
+        routing.aux["z"].detach(), (torch.logsumexp(r.gate(x), -1) ** 2).mean().detach()
+    )
+    assert r.loss_weights() == {"balance": 0.0, "z": 0.001}
+    r0, _, plain = hard_top2()
+    assert "z" not in plain.aux and "z" not in r0.loss_weights()
+
+
+def test_normalize_grad_needs_normalised_top_k():
+    from evomoe.config import ConfigError, load_config  # noqa: PLC0415
+
+    base = ["--router.name=dts_plus", "--router.dts_plus.cap_start=2", "--router.dts_plus.normalize=true"]
+    load_config("tiny", base + ["--router.dts_plus.normalize_grad=true", "--router.dts_plus.cap_end=2"])
+    with pytest.raises(ConfigError, match=r"router\.dts_plus\.normalize_grad = True: needs .*cap_end >= 2"):
+        load_config("tiny", base + ["--router.dts_plus.normalize_grad=true"])
+    with pytest.raises(ConfigError, match=r"router\.dts_plus\.balance_on = 'mean'"):
+        load_config("tiny", base + ["--router.dts_plus.balance_on=mean"])

@@ -99,6 +99,14 @@ class DTSRouter(Router):
         """The spec's weights: masked, not renormalised."""
         return combine_TE * sel_TE
 
+    def balance_probs(self, p_TE: torch.Tensor, w_TE: torch.Tensor) -> torch.Tensor:
+        """The probabilities of l_aux: the spec's combine weights w (masked by the selection)."""
+        return w_TE
+
+    def extra_aux(self, z_TE: torch.Tensor, ctx: RouterContext) -> dict[str, torch.Tensor]:
+        """Auxiliary losses beside the balance loss (none in the paper's gate)."""
+        return {}
+
     def selects_as_in_training(self, ctx: RouterContext) -> bool:
         return self.training or ctx.gate.train_selection
 
@@ -123,8 +131,10 @@ class DTSRouter(Router):
             fixed_k = k
         else:
             token_P, expert_P, weight_P = pairs_from_mask(sel_TE, w_TE)
+        b_TE = self.balance_probs(p_TE, w_TE)
         if self.balancer is None:
-            aux = {"balance": load_balance_loss(w_TE, sel_TE, ctx.valid_T)}
+            aux = {"balance": load_balance_loss(b_TE, sel_TE, ctx.valid_T)}
         else:
-            aux = {"balance": self.balancer.losses(w_TE, sel_TE, None, ctx.valid_T, ctx.shape)["balance"]}
+            aux = {"balance": self.balancer.losses(b_TE, sel_TE, None, ctx.valid_T, ctx.shape)["balance"]}
+        aux.update(self.extra_aux(z_TE, ctx))
         return Routing(token_P, expert_P, weight_P, aux=aux, probs_TE=p_TE.detach(), fixed_k=fixed_k)

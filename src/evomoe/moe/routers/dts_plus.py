@@ -32,6 +32,15 @@ non-zero gate start. The paper's gate stays ``dts``; this one is ``dts_plus``.
   ``cap_end`` of its logits, without gradient: frozen) in training and at evaluation; the weights stay the
   gate's (normalised: 1). The routing after the switch is then a fixed map of the token, as Hash layers
   and StableMoE route, learned by the DTS phases instead of drawn at random.
+- ``balance_on = "probs"``: l_aux on the full softmax p (Switch's and GShard's form, with the selection
+  mask as the load) instead of the spec's masked weights w. With w, once a token selects fewer than all
+  experts the loss falls as the selected experts' probabilities fall, whichever they are: it pushes every
+  gate towards uniform (measured: a hard top-2 gate at entropy 2.73 of ln 16 = 2.77 nats after 500 steps,
+  docs/crossover.md). With p the probability mass can only move between experts.
+- ``normalize_grad``: the normalisation keeps its gradient (the renormalised top-k of the ``topk`` router):
+  the gate learns which selected expert to weight more, and no longer gets the gradient of an output scale
+  that the normalisation removes in the forward pass. Needs ``cap_end`` >= 2 (one expert: the weight is 1).
+- ``z_loss_weight`` > 0: the router z-loss of ST-MoE, mean_t logsumexp(z_t)^2.
 Legend: T tokens, E experts, K the cap.
 """
 
@@ -42,8 +51,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...config import check, finite_nonneg
+from ...config import check, choice, finite_nonneg
 from ...registry import ROUTERS
+from ..losses import router_z_loss
 from ..router import RouterContext, RouterSpec, Routing
 from .dts import DTSOptions, DTSRouter
 from .gate import gumbel_like
@@ -61,13 +71,24 @@ class DTSPlusOptions(DTSOptions):
     cap_end: int = 1  # experts per token at the end of the decay, in the hard phase and at evaluation
     distill_weight: float = 0.0  # > 0: a token-id router distilled from the gate routes after the hard switch
     distill_dim: int = 50  # its embedding width
+    balance_on: str = "weights"  # weights: the spec's l_aux on w; probs: on the full softmax p (module doc)
+    normalize_grad: bool = False  # true: the normalising sum keeps its gradient (module doc; cap_end >= 2)
+    z_loss_weight: float = 0.0  # the router z-loss (ST-MoE)
 
     def validate(self, cfg, prefix: str) -> None:
         super().validate(cfg, prefix)
         E = cfg.moe.num_experts
         check(0 <= self.cap_start <= E, f"{prefix}.cap_start", self.cap_start, f"must be in [0, E={E}]")
         check(1 <= self.cap_end <= E, f"{prefix}.cap_end", self.cap_end, f"must be in [1, E={E}]")
-        finite_nonneg(prefix, self, ("distill_weight",))
+        finite_nonneg(prefix, self, ("distill_weight", "z_loss_weight"))
+        choice(f"{prefix}.balance_on", self.balance_on, ("weights", "probs"))
+        check(
+            not self.normalize_grad or (self.normalize and self.cap_end >= 2),
+            f"{prefix}.normalize_grad",
+            self.normalize_grad,
+            f"needs {prefix}.normalize = true and {prefix}.cap_end >= 2 (with one expert per token the "
+            "normalised weight is the constant 1: the gate would get no gradient from the task)",
+        )
         check(self.distill_dim >= 1, f"{prefix}.distill_dim", self.distill_dim, "must be >= 1")
         check(
             self.cap_start == 0 or self.cap_start >= self.cap_end,
@@ -114,7 +135,15 @@ class DTSPlusRouter(DTSRouter):
 
     def loss_weights(self) -> dict[str, float]:
         weights = super().loss_weights()
+        if self.cfg.z_loss_weight > 0:
+            weights["z"] = self.cfg.z_loss_weight
         return weights if self.distilled is None else {**weights, "distill": self.cfg.distill_weight}
+
+    def balance_probs(self, p_TE: torch.Tensor, w_TE: torch.Tensor) -> torch.Tensor:
+        return p_TE if self.cfg.balance_on == "probs" else w_TE
+
+    def extra_aux(self, z_TE: torch.Tensor, ctx: RouterContext) -> dict[str, torch.Tensor]:
+        return {"z": router_z_loss(z_TE, ctx.valid_T)} if self.cfg.z_loss_weight > 0 else {}
 
     def export_routing(self, hard: bool) -> tuple[int, bool]:
         if self.distilled is not None:
@@ -129,7 +158,10 @@ class DTSPlusRouter(DTSRouter):
         w_TE = combine_TE * sel_TE
         if not self.cfg.normalize:
             return w_TE
-        return w_TE / w_TE.detach().sum(-1, keepdim=True).clamp_min(1e-20)
+        total_T1 = w_TE.sum(-1, keepdim=True)
+        if not self.cfg.normalize_grad:
+            total_T1 = total_T1.detach()
+        return w_TE / total_T1.clamp_min(1e-20)
 
     def forward(self, x_TD: torch.Tensor, ctx: RouterContext) -> Routing:
         if self.cfg.freeze_hard and ctx.gate.hard:
