@@ -20,7 +20,8 @@ from evomoe.models import GPT
 from evomoe.models.blocks import Attention, attention_mask, math_attention, math_attention_pays
 from evomoe.moe.router import GateState
 from evomoe.tasks.lm import next_token_loss
-from evomoe.train.compile import compile_counts
+from evomoe.train import compile as compile_mod
+from evomoe.train.compile import compile_counts, resolve_compile
 from evomoe.train.metrics import IntervalStats
 from evomoe.train.trainer import Trainer
 
@@ -217,3 +218,54 @@ def test_make_run_fast_mode_flags_resolve_on_the_default_preset():
     t = cfg.train
     assert (t.compile, t.precision, t.optimizer_impl) == (True, "bf16", "fused")
     assert "$(FAST)" in makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_compile_auto_decides_where_it_pays(monkeypatch):
+    """train.compile = "auto": on for a long single-process run of fixed shapes with a compiler found;
+    off, with the reason, for each condition that fails; true / false are kept as set."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(
+        compile_mod.shutil, "which", lambda name: "/usr/bin/" + name if name == "g++" else None
+    )
+    assert resolve_compile("auto", cpu, 2000) == (True, "cpu with g++, 2000 steps")
+    off = [
+        resolve_compile("auto", cpu, 2000, world_size=2),
+        resolve_compile("auto", cpu, 2000, fixed_shapes=False),
+        resolve_compile("auto", cpu, compile_mod.AUTO_MIN_STEPS - 1),
+    ]
+    assert [on for on, _ in off] == [False] * 3
+    assert ["processes" in off[0][1], "change shape" in off[1][1], "warm-up" in off[2][1]] == [True] * 3
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    assert resolve_compile("auto", cpu, 2000) == (
+        False,
+        "no compiler for cpu (a C++ compiler on CPU, Triton on CUDA)",
+    )
+    assert resolve_compile(True, cpu, 1) == (True, "set") and resolve_compile(False, cpu, 10**6) == (
+        False,
+        "set",
+    )
+
+
+def test_compile_auto_in_the_config_and_the_trainer(tmp_path, evomoe_cache):
+    """The config takes true, false and "auto" (saved and loaded back), and names the field for anything
+    else; a short auto run trains eager and logs why."""
+    from evomoe.config import ConfigError, to_toml  # noqa: PLC0415
+
+    cfg = load_config("tiny", [*SHORT_PHASES, "--train.compile=auto"])
+    assert cfg.train.compile == "auto"
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_config(str(tmp_path / "c.toml"), saved=True).train.compile == "auto"
+    assert load_config("tiny", ["--train.compile=true"]).train.compile is True
+    for bad, why in (
+        ("maybe", "must be true, false or 'auto'"),
+        ("3", "expected bool, got 3 \\(int\\) \\(or a word"),
+    ):
+        with pytest.raises(ConfigError, match=rf"train\.compile.*{why}"):
+            load_config("tiny", [f"--train.compile={bad}"])
+    logs: list[str] = []
+    trainer = Trainer(
+        cfg, tmp_path / "run", env={"EVOMOE_CACHE": str(evomoe_cache)}, log=logs.append, progress=False
+    )
+    assert not trainer.mode.compile and trainer.fwd is trainer.model
+    assert any(line.startswith("train.compile = auto: eager (train.steps = ") for line in logs)

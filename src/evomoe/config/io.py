@@ -26,7 +26,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(path: str, typ: Any, value: Any) -> Any:
-    """Check a TOML or CLI value against a field's type; ints are accepted for floats."""
+    """Check a TOML or CLI value against a field's type; ints are accepted for floats. ``bool | str``: a
+    switch that also takes a word (``train.compile = "auto"``; the word is checked by validation)."""
+    if typ == (bool | str):
+        if isinstance(value, (bool, str)):
+            return value
+        raise ConfigError(
+            f"{path}: expected bool, got {value!r} ({type(value).__name__}) (or a word: 'auto')"
+        )
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -143,7 +143,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
-    compile: bool = False
+    compile: bool | str = False  # true | false | "auto": on where it is faster (train/compile.py)
     tensorboard: bool = False  # also write the metrics as TensorBoard events under RUN/tensorboard
     optimizer_impl: str = "foreach"  # foreach | fused (AdamW(fused=True): one kernel per step)
     expert_lr_scale: float = 1.0  # the routed experts' learning rate / train.lr (once spawned)

@@ -163,6 +163,12 @@ def _train(cfg: Any) -> None:
     check(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
     check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0: no clipping)")
     choice("train.precision", t.precision, s.PRECISIONS)
+    check(
+        isinstance(t.compile, bool) or t.compile == "auto",
+        "train.compile",
+        t.compile,
+        "must be true, false or 'auto' (on where it is faster)",
+    )
     choice("train.device", t.device, s.DEVICES)
     check(t.threads >= 0, "train.threads", t.threads, "must be >= 0")
     check(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
