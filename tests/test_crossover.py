@@ -139,3 +139,23 @@ def test_every_shipped_method_is_valid_on_the_study_presets(preset):
     base = load_config(preset, [])
     for name in method_names():
         method_config(base, name, 0)  # validated: a ConfigError names the field
+
+
+def test_the_study_evomoe_method_trains_through_its_phases(tmp_path, evomoe_cache):
+    """``dts_fine_fixed`` on the tiny preset, short: a dense start, the spawn into 16 half-width experts, a
+    soft phase of up to 4 experts per token, then exactly 2 per token with both auxiliary losses logged and
+    every loss finite."""
+    from evomoe.train.metrics import read_jsonl  # noqa: PLC0415
+    from evomoe.train.trainer import Trainer  # noqa: PLC0415
+
+    base = load_config("tiny", ["--train.steps=40", "--train.log_every=1", "--train.eval_every=40"])
+    cfg = method_config(base, "dts_fine_fixed", 0)
+    cfg.evolve.diversify_steps, cfg.train.threads, cfg.train.eval_batches = 4, 1, 1
+    Trainer(cfg, tmp_path, env={"EVOMOE_CACHE": str(evomoe_cache)}, log=lambda s: None, progress=False).run()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["phase"] for r in rows[:4]] == ["diversify"] * 4 and all(math.isfinite(r["loss"]) for r in rows)
+    soft = [r["max_experts_per_token"] for r in rows if r["phase"] != "diversify" and not r["hard"]]
+    assert soft and max(soft) == 4  # the cap at the spawn
+    hard = [r for r in rows if r["hard"]]
+    assert len(hard) > 20 and {r["experts_per_token"] for r in hard} == {2.0}
+    assert all(set(r["aux"]) == {"balance", "z"} for r in hard)
