@@ -132,7 +132,7 @@ def test_one_budget_is_an_ordinary_comparison(tmp_path):
     assert (out / "compare.md").is_file() and not (out / "crossover.md").exists()
 
 
-@pytest.mark.parametrize("preset", ["default", "crossover"])
+@pytest.mark.parametrize("preset", ["default", "crossover", "default-mlm", "default-mt"])
 def test_every_shipped_method_is_valid_on_the_study_presets(preset):
     from evomoe.compare import method_names  # noqa: PLC0415
 
