@@ -19,7 +19,7 @@ embedding's backward sums with atomic adds in an order that changes between runs
 
 ``train.compile = "auto"`` (``resolve_compile``): compiled where it is faster. Measured on CPU
 (docs/performance.md): a compiled step is 1.05-1.1x an eager one in fp32 and 1.3-1.95x in bf16, after a
-warm-up of 6-16 s at the first step, so auto compiles when a compiler backend is found (a C compiler on
+warm-up of 6-16 s at the first step, so auto compiles when a compiler backend is found (a C++ compiler on
 CPU, Triton on CUDA), on one process, for a task with fixed batch shapes, and for a run of at least
 ``AUTO_MIN_STEPS`` steps (shorter runs would not repay the warm-up). The decision and its reason are logged.
 
