@@ -313,3 +313,25 @@ def test_normalize_grad_needs_normalised_top_k():
         load_config("tiny", base + ["--router.dts_plus.normalize_grad=true"])
     with pytest.raises(ConfigError, match=r"router\.dts_plus\.balance_on = 'mean'"):
         load_config("tiny", base + ["--router.dts_plus.balance_on=mean"])
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_soft_phase_without_noise_selects_the_gates_own_top_cap(gumbel):
+    """gumbel = false (``dts_fine_nonoise``): each token's soft-phase experts are the top-cap of its gate
+    scores z above the threshold, the same at every call; with the paper's noise a fresh draw each call."""
+    r = dts_plus(4, cap_end=2, normalize=True, gumbel=gumbel, threshold=0.01)
+    x = torch.randn(300, D_MODEL, generator=torch.Generator().manual_seed(5))
+    gate = GateState(tau=1.5, progress=0.0)
+    first, second = (as_mask(r(x, RouterContext(gate=gate)), 300, 8) for _ in range(2))
+    z = x @ r.gate.weight.t()
+    expected = top_k_mask(z, 4) & (torch.softmax(z / 1.5, -1) > 0.01)
+    if gumbel:
+        assert (first != second).any(1).float().mean() > 0.5 and (first != expected).any(1).float().mean() > 0.5
+    else:
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def as_mask(routing, T: int, E_: int) -> torch.Tensor:
+    mask = torch.zeros(T, E_, dtype=torch.bool)
+    mask[routing.token_idx_P, routing.expert_idx_P] = True
+    return mask
