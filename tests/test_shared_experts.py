@@ -106,3 +106,41 @@ def test_copied_moments_need_full_width_experts():
     validate(cfg)
     cfg.evolve.diversify_steps, cfg.moe.expert_width = 100, 1.0
     validate(cfg)
+
+
+def test_narrow_fresh_shared_expert_runs_on_every_token_and_counts_its_width():
+    """``moe.shared_width = 0.5`` on fresh experts: the layer's output is the routed mixture plus the shared
+    expert's FFN on every token (checked against a plain FFN of its weights), and the FLOPs rows count the
+    shared expert at half a dense row per token."""
+    cfg = cfg_with(shared_experts=1, shared_width=0.5, expert_width=0.25)
+    cfg.evolve.diversify_steps = 0
+    validate(cfg)
+    torch.manual_seed(0)
+    layer = MoELayer(D_MODEL, D_FF, "gelu", "loop", 2)
+    fresh_layer(layer, cfg, torch.Generator().manual_seed(0), layer_idx=0)
+    sh = layer.shared
+    assert sh.d_ff == 16 and layer.experts.d_ff == 8
+    x = torch.randn(2, 6, D_MODEL)
+    ctx = RouterContext(gate=GateState(tau=1.0, hard=True), shape=(2, 6))
+    torch.manual_seed(1)
+    both, _, stats = layer(x, ctx)
+    layer.shared = None
+    torch.manual_seed(1)
+    routed, _, _ = layer(x, ctx)
+    expected = ffn(x.view(-1, D_MODEL), sh.w1_EDH[0], sh.w2_EFD[0], "gelu").view(2, 6, D_MODEL)
+    torch.testing.assert_close(both, routed + expected)
+    assert math.isclose(float(stats.ffn_rows), float(stats.pairs) * 0.25 + 12 * 0.5)
+
+
+def test_shared_width_errors_name_the_field():
+    cfg = cfg_with(shared_experts=1, shared_width=0.5)  # diversify_steps > 0: spawned copies of the FFN
+    with pytest.raises(ConfigError, match=r"moe\.shared_width = 0\.5.*copies of the dense FFN"):
+        validate(cfg)
+    cfg.moe.shared_experts = 0  # no shared expert: the width is never used
+    validate(cfg)
+    cfg.moe.shared_experts, cfg.evolve.diversify_steps = 1, 0
+    validate(cfg)
+    for bad in (0.0, float("inf"), 0.001):
+        cfg.moe.shared_width = bad
+        with pytest.raises(ConfigError, match=r"moe\.shared_width"):
+            validate(cfg)

@@ -127,13 +127,19 @@ def narrow_experts(
 def add_shared_experts(
     layer: MoELayer, cfg: Config, base: Experts | None, generator: torch.Generator
 ) -> None:
-    """``moe.shared_experts`` always-on experts of width d_ff: copies of the trained dense FFN (``base``,
-    the spawn keeps what phase 1 learned there) or freshly initialised ones."""
+    """``moe.shared_experts`` always-on experts of width ``moe.shared_width`` x d_ff: copies of the trained
+    dense FFN (``base``, the spawn keeps what phase 1 learned there; width 1) or freshly initialised ones."""
     n = cfg.moe.shared_experts
     if n == 0:
         return
     old = layer.experts
-    shared = Experts(n, old.d_model, layer.d_ff, old.activation, old.impl, old.n_layers, bias=old.bias)
+    width = max(1, round(cfg.moe.shared_width * layer.d_ff))
+    if base is not None and width != layer.d_ff:
+        raise ValueError(
+            f"moe.shared_width = {cfg.moe.shared_width}: shared experts spawned from the dense FFN are its "
+            "copies (width 1); narrower ones start fresh (evolve.diversify_steps = 0)"
+        )
+    shared = Experts(n, old.d_model, width, old.activation, old.impl, old.n_layers, bias=old.bias)
     with torch.no_grad():
         if base is not None:
             for name, _ in shared.named_parameters():  # weights and, for an imported FFN, its biases

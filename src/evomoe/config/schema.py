@@ -63,6 +63,7 @@ class MoEConfig:
     enabled: bool = True  # false: the dense baseline (every block a dense FFN of width d_ff)
     shared_experts: int = 0  # always-on experts of width d_ff beside the routed ones (from the spawn on)
     expert_width: float = 1.0  # routed expert hidden width, times d_ff (fine-grained experts: < 1)
+    shared_width: float = 1.0  # each shared expert's hidden width, times d_ff (< 1: fresh experts only)
 
 
 @dataclass

@@ -71,6 +71,20 @@ def _moe_and_router(cfg: Any) -> None:
         m.expert_width,
         "must be <= 1 when experts are spawned from the dense FFN (evolve.diversify_steps > 0)",
     )
+    check(0.0 < m.shared_width < math.inf, "moe.shared_width", m.shared_width, "must be finite and > 0")
+    check(
+        round(m.shared_width * cfg.model.d_ff) >= 1,
+        "moe.shared_width",
+        m.shared_width,
+        f"must give >= 1 hidden unit of d_ff={cfg.model.d_ff}",
+    )
+    check(
+        m.shared_width == 1.0 or cfg.evolve.diversify_steps == 0 or m.shared_experts == 0,
+        "moe.shared_width",
+        m.shared_width,
+        "must be 1 when the shared experts are spawned as copies of the dense FFN (evolve.diversify_steps > "
+        "0); other widths start fresh (evolve.diversify_steps = 0)",
+    )
     choice("router.name", cfg.router.name, ROUTERS.names())
     choice("router.gate_init", cfg.router.gate_init, s.GATE_INITS)
 

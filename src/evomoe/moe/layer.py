@@ -141,7 +141,7 @@ class MoELayer(nn.Module):
     def ffn_rows(self, stats: LayerStats) -> torch.Tensor | None:
         """Computed rows in units of one d_ff-wide FFN on one token: routed pairs scaled by the expert width,
         plus every token's shared experts (None when that is just ``pairs``)."""
-        shared = self.shared.num_experts if self.shared is not None else 0
+        shared = self.shared.num_experts * self.shared.d_ff / self.d_ff if self.shared is not None else 0
         if self.experts.d_ff == self.d_ff and not shared:
             return None
         return stats.pairs * (self.experts.d_ff / self.d_ff) + stats.tokens * shared
