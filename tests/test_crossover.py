@@ -141,15 +141,16 @@ def test_every_shipped_method_is_valid_on_the_study_presets(preset):
         method_config(base, name, 0)  # validated: a ConfigError names the field
 
 
-def test_the_study_evomoe_method_trains_through_its_phases(tmp_path, evomoe_cache):
-    """``dts_fine_fixed`` on the tiny preset, short: a dense start, the spawn into 16 half-width experts, a
-    soft phase of up to 4 experts per token, then exactly 2 per token with both auxiliary losses logged and
-    every loss finite."""
+@pytest.mark.parametrize("method", ["dts_fine_fixed", "dts_fine_nonoise"])
+def test_the_study_evomoe_method_trains_through_its_phases(method, tmp_path, evomoe_cache):
+    """The study's EvoMoE methods on the tiny preset, short: a dense start, the spawn into 16 half-width
+    experts, a soft phase of up to 4 experts per token, then exactly 2 per token with both auxiliary losses
+    logged and every loss finite."""
     from evomoe.train.metrics import read_jsonl  # noqa: PLC0415
     from evomoe.train.trainer import Trainer  # noqa: PLC0415
 
     base = load_config("tiny", ["--train.steps=40", "--train.log_every=1", "--train.eval_every=40"])
-    cfg = method_config(base, "dts_fine_fixed", 0)
+    cfg = method_config(base, method, 0)
     cfg.evolve.diversify_steps, cfg.train.threads, cfg.train.eval_batches = 4, 1, 1
     Trainer(cfg, tmp_path, env={"EVOMOE_CACHE": str(evomoe_cache)}, log=lambda s: None, progress=False).run()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
