@@ -90,9 +90,14 @@ def zero_sum_noise(w2_EFD: torch.Tensor, sigma: float, generator: torch.Generato
     return noise - noise.mean(dim=0, keepdim=True)
 
 
+def hidden_units(share: float, d_ff: int) -> int:
+    """Hidden width of an expert ``share`` times the layer's dense width ``d_ff`` wide (at least 1)."""
+    return max(1, round(share * d_ff))
+
+
 def expert_hidden(cfg: Config, d_ff: int) -> int:
     """Hidden width of one routed expert: ``moe.expert_width`` times the layer's dense width ``d_ff``."""
-    return max(1, round(cfg.moe.expert_width * d_ff))
+    return hidden_units(cfg.moe.expert_width, d_ff)
 
 
 def narrow_units(E: int, width: int, d_ff: int) -> torch.Tensor:
@@ -133,7 +138,7 @@ def add_shared_experts(
     if n == 0:
         return
     old = layer.experts
-    width = max(1, round(cfg.moe.shared_width * layer.d_ff))
+    width = hidden_units(cfg.moe.shared_width, layer.d_ff)
     if base is not None and width != layer.d_ff:
         raise ValueError(
             f"moe.shared_width = {cfg.moe.shared_width}: shared experts spawned from the dense FFN are its "

@@ -60,23 +60,20 @@ def _moe_and_router(cfg: Any) -> None:
     choice("moe.experts_impl", cfg.moe.experts_impl, s.EXPERT_IMPLS)
     m = cfg.moe
     check(m.shared_experts >= 0, "moe.shared_experts", m.shared_experts, "must be >= 0")
-    check(0.0 < m.expert_width < math.inf, "moe.expert_width", m.expert_width, "must be finite and > 0")
-    width = round(m.expert_width * cfg.model.d_ff)
-    check(
-        width >= 1, "moe.expert_width", m.expert_width, f"must give >= 1 hidden unit of d_ff={cfg.model.d_ff}"
-    )
+    for name in ("expert_width", "shared_width"):
+        w, field_name = getattr(m, name), f"moe.{name}"
+        check(0.0 < w < math.inf, field_name, w, "must be finite and > 0")
+        check(
+            round(w * cfg.model.d_ff) >= 1,
+            field_name,
+            w,
+            f"must give >= 1 hidden unit of d_ff={cfg.model.d_ff}",
+        )
     check(
         m.expert_width <= 1.0 or cfg.evolve.diversify_steps == 0,
         "moe.expert_width",
         m.expert_width,
         "must be <= 1 when experts are spawned from the dense FFN (evolve.diversify_steps > 0)",
-    )
-    check(0.0 < m.shared_width < math.inf, "moe.shared_width", m.shared_width, "must be finite and > 0")
-    check(
-        round(m.shared_width * cfg.model.d_ff) >= 1,
-        "moe.shared_width",
-        m.shared_width,
-        f"must give >= 1 hidden unit of d_ff={cfg.model.d_ff}",
     )
     check(
         m.shared_width == 1.0 or cfg.evolve.diversify_steps == 0 or m.shared_experts == 0,
